@@ -1,0 +1,619 @@
+//! The `Celery` custom resource (`celeryproject.org/v1alpha1`).
+//!
+//! Doc comments on these types become the CRD's OpenAPI descriptions, which is what
+//! `kubectl explain celery.spec...` prints: write them for the person applying the resource.
+//! CEL rules (`x-kubernetes-validations`) reject bad specs in the API server; the reconciler
+//! evaluates the same rules client-side so `render` and the operator agree with the server.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvFromSource, EnvVar, LocalObjectReference, PodSecurityContext, Probe,
+    ResourceRequirements, SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of the `Celery` resource.
+pub const GROUP: &str = "celeryproject.org";
+
+/// Desired state of a Celery application: its worker pools, Flower, beat and how they reach
+/// the broker.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "celeryproject.org",
+    version = "v1alpha1",
+    kind = "Celery",
+    plural = "celeries",
+    singular = "celery",
+    shortname = "cel",
+    category = "celery",
+    namespaced,
+    status = "CeleryStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "A Celery application run on Kubernetes: worker pools, Flower and beat.",
+    validation = Rule::new("size(self.metadata.name) <= 50").message("metadata.name must be at most 50 characters so that child names fit Kubernetes limits"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every component is ready"),
+    printcolumn(name = "Workers", type_ = "string", json_path = ".status.workersReady", description = "Ready worker pods / desired worker pods"),
+    printcolumn(name = "Flower", type_ = "string", json_path = ".status.flower.readyReplicas", description = "Ready Flower pods"),
+    printcolumn(name = "Beat", type_ = "string", json_path = ".status.beat.readyReplicas", description = "Ready beat pods (0 or 1)"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1", description = "Why the resource is (not) ready"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CelerySpec {
+    /// The Celery application instance, as given to `celery -A` (for example `proj.celery:app`
+    /// or `proj`). CEP field: `common.celeryApp`.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_.:]*$')").message("app must be a Python module path such as 'proj.celery:app'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub app: String,
+
+    /// Container image that holds the Celery application (and Flower, if Flower is enabled).
+    /// CEP field: `common.image`.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// When the kubelet pulls the image. CEP field: `common.imagePullPolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+
+    /// Secrets holding registry credentials for a private image.
+    /// CEP field: `common.imagePullSecrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// Celery version the image runs (for example `5.4`). Informational: recorded as the
+    /// `app.kubernetes.io/version` label on every child. CEP field: `common.celeryVersion`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub celery_version: Option<String>,
+
+    /// How Celery reaches its broker. The URL is read from a Secret and handed to the
+    /// containers as the `CELERY_BROKER_URL` environment variable; it never appears in
+    /// generated manifests, status, Events or logs.
+    pub broker: BrokerSpec,
+
+    /// Optional result backend URL, read from a Secret and handed to the containers as
+    /// `CELERY_RESULT_BACKEND`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_backend: Option<SecretKeyRef>,
+
+    /// Environment variables for every Celery container (workers, Flower, beat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+
+    /// Sources (ConfigMaps, Secrets) of environment variables for every Celery container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+
+    /// Volumes added to every Celery pod. CEP field: `common.volumes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+
+    /// Volume mounts added to every Celery container. CEP field: `common.volumeMounts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+
+    /// Scheduling and security settings shared by every pod; a worker pool may override the
+    /// scheduling ones.
+    #[serde(default, skip_serializing_if = "PodOptions::is_empty")]
+    pub pod: PodOptions,
+
+    /// Worker pools. Each pool is one Deployment with its own queues, concurrency, pool type,
+    /// resources and autoscaling. CEP section: `workerSpec`.
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.name == p.name))").message("worker pool names must be unique"))]
+    #[schemars(length(min = 1, max = 32))]
+    pub workers: Vec<WorkerPool>,
+
+    /// Flower, the Celery monitoring UI: a Deployment, a Service and optionally an Ingress.
+    /// Omit to run no Flower. CEP section: `flowerSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flower: Option<FlowerSpec>,
+
+    /// Celery beat, the periodic task scheduler: always exactly one pod, `Recreate` strategy,
+    /// never autoscaled. Omit to run no beat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat: Option<BeatSpec>,
+}
+
+/// Image pull policy of the Celery containers.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ImagePullPolicy {
+    /// Pull on every pod start.
+    Always,
+    /// Never pull; the image must be present on the node.
+    Never,
+    /// Pull only when the image is not on the node.
+    IfNotPresent,
+}
+
+impl ImagePullPolicy {
+    /// The value Kubernetes expects in a container's `imagePullPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::Never => "Never",
+            Self::IfNotPresent => "IfNotPresent",
+        }
+    }
+}
+
+/// A key of a Secret in the Celery resource's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Broker connection settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerSpec {
+    /// Secret key holding the broker URL (for example `redis://:password@redis:6379/0` or
+    /// `amqp://user:password@rabbitmq:5672/vhost`).
+    pub secret_ref: SecretKeyRef,
+}
+
+/// Pod settings shared by every Celery pod.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOptions {
+    /// Node labels a pod's node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod affinity rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Service account the pods run as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Pod-level security settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// Security settings of the Celery containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_security_context: Option<SecurityContext>,
+    /// Extra labels on every pod (they never replace the operator's own labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on every pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl PodOptions {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One pool of Celery workers: a Deployment running `celery worker` on some queues.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("replicas and autoscaling are mutually exclusive: when autoscaling is set, the autoscaler owns the replica count"))]
+#[x_kube(validation = Rule::new("!has(self.terminationGracePeriodSeconds) || !has(self.timeLimitSeconds) || self.terminationGracePeriodSeconds >= self.timeLimitSeconds").message("terminationGracePeriodSeconds must be at least timeLimitSeconds, or running tasks are killed on scale-down"))]
+#[x_kube(validation = Rule::new("!has(self.softTimeLimitSeconds) || !has(self.timeLimitSeconds) || self.softTimeLimitSeconds < self.timeLimitSeconds").message("softTimeLimitSeconds must be less than timeLimitSeconds"))]
+pub struct WorkerPool {
+    /// Pool name, unique within the resource; the Deployment is named
+    /// `<celery-name>-worker-<pool-name>`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("pool name must be a DNS label: lower-case letters, digits and '-'"))]
+    #[schemars(length(min = 1, max = 40))]
+    pub name: String,
+
+    /// Queues this pool consumes (`celery worker -Q`). Defaults to Celery's default queue,
+    /// `celery`.
+    #[serde(default = "default_queues")]
+    #[x_kube(validation = Rule::new("self.all(q, q.matches('^[^,\\\\s]+$'))").message("queue names cannot be empty or contain commas or whitespace"))]
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 200)))]
+    pub queues: Vec<String>,
+
+    /// Number of worker pods when the pool is not autoscaled. Defaults to 1.
+    /// CEP field: `workerSpec.numOfWorkers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: Option<i32>,
+
+    /// Child processes or threads per worker pod (`celery worker -c`). Celery's default is
+    /// the number of CPUs of the node, which is rarely what you want in a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub concurrency: Option<i32>,
+
+    /// Execution pool (`celery worker -P`). Defaults to `prefork`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolType>,
+
+    /// How many messages each process reserves ahead (`--prefetch-multiplier`). `1` is
+    /// the fairest setting for long tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub prefetch_multiplier: Option<i32>,
+
+    /// Restart a pool process after this many tasks (`--max-tasks-per-child`), against
+    /// memory leaks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tasks_per_child: Option<i32>,
+
+    /// Hard time limit of a task in seconds (`--time-limit`). Also the floor of the
+    /// termination grace period, so that scale-down never kills a task that may still finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub time_limit_seconds: Option<i64>,
+
+    /// Soft time limit of a task in seconds (`--soft-time-limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub soft_time_limit_seconds: Option<i64>,
+
+    /// Seconds a pod has to finish its running tasks after SIGTERM before it is killed.
+    /// Defaults to `timeLimitSeconds + 30` when a time limit is set, else 300. (Kubernetes'
+    /// own default of 30 s loses long tasks.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub termination_grace_period_seconds: Option<i64>,
+
+    /// Extra arguments appended to `celery worker` (any option Celery supports).
+    /// CEP field: `workerSpec.args`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+
+    /// Extra environment variables for this pool's containers (after the shared ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+
+    /// CPU and memory requests and limits of a worker container. CEP field:
+    /// `workerSpec.resources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// How pods are replaced on update. CEP field: `workerSpec.rolloutStrategy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_strategy: Option<RolloutStrategy>,
+
+    /// Autoscaling of this pool. When set, the autoscaler owns the replica count and the
+    /// operator never writes it. CEP section: `scaleTargetRef` with `kind: worker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+
+    /// A PodDisruptionBudget for this pool, so node drains do not take down too many
+    /// workers at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_disruption_budget: Option<DisruptionBudget>,
+
+    /// Readiness probe of a worker container. Defaults to `celery inspect ping` on this
+    /// worker every 60 s. A failing readiness probe never restarts a worker, so a broker
+    /// outage does not cause a crash loop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+
+    /// Liveness probe of a worker container. None by default: a liveness failure kills the
+    /// worker and its running tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+
+    /// Node labels for this pool's pods; replaces `pod.nodeSelector` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations of this pool's pods; replaces `pod.tolerations` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Affinity of this pool's pods; replaces `pod.affinity` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+fn default_queues() -> Vec<String> {
+    vec!["celery".into()]
+}
+
+/// Celery's execution pool implementation.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolType {
+    /// Child processes (Celery's default); `concurrency` processes per pod.
+    Prefork,
+    /// Threads in one process.
+    Threads,
+    /// gevent green threads (the image must have gevent installed).
+    Gevent,
+    /// eventlet green threads (the image must have eventlet installed).
+    Eventlet,
+    /// One task at a time in the main process.
+    Solo,
+}
+
+impl PoolType {
+    /// The name `celery worker -P` expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prefork => "prefork",
+            Self::Threads => "threads",
+            Self::Gevent => "gevent",
+            Self::Eventlet => "eventlet",
+            Self::Solo => "solo",
+        }
+    }
+}
+
+/// How a Deployment replaces its pods.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'RollingUpdate' || (!has(self.maxSurge) && !has(self.maxUnavailable))").message("maxSurge and maxUnavailable apply only to the RollingUpdate strategy"))]
+pub struct RolloutStrategy {
+    /// `RollingUpdate` (default: new pods come up before old ones go) or `Recreate` (all old
+    /// pods stop first).
+    #[serde(rename = "type")]
+    pub type_: RolloutType,
+    /// RollingUpdate only: pods above the desired count during an update (number or
+    /// percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_surge: Option<IntOrString>,
+    /// RollingUpdate only: pods that may be unavailable during an update (number or
+    /// percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+/// Deployment strategy type.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum RolloutType {
+    /// Replace pods gradually.
+    RollingUpdate,
+    /// Stop every old pod before starting new ones.
+    Recreate,
+}
+
+/// Autoscaling of a worker pool.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas"))]
+pub struct Autoscaling {
+    /// Fewest pods. `0` allows scale-to-zero, which only happens when the queues and the
+    /// reserved work are empty. CEP field: `scaleTargetRef.minReplicas`.
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_replicas: i32,
+    /// Most pods. CEP field: `scaleTargetRef.maxReplicas`.
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_replicas: i32,
+    /// What to scale on. CEP field: `scaleTargetRef.metrics`.
+    #[schemars(length(min = 1, max = 8))]
+    pub metrics: Vec<MetricSpec>,
+}
+
+/// One autoscaling metric and its target.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.name != 'taskQueueLength' || self.target.type == 'AverageValue'").message("taskQueueLength supports only an AverageValue target (tasks per pod)"))]
+pub struct MetricSpec {
+    /// The metric: `cpu`, `memory` or `taskQueueLength` (tasks waiting in the pool's queues,
+    /// plus tasks reserved by workers). CEP field: `metrics.name`.
+    pub name: MetricName,
+    /// The value to hold the metric at. CEP field: `metrics.target`.
+    pub target: MetricTarget,
+}
+
+/// Metric an autoscaled pool follows.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MetricName {
+    /// CPU usage of the worker pods.
+    Cpu,
+    /// Memory usage of the worker pods.
+    Memory,
+    /// Tasks waiting in the pool's queues plus tasks reserved by its workers.
+    TaskQueueLength,
+}
+
+/// Target of an autoscaling metric.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'Utilization' ? has(self.averageUtilization) && !has(self.averageValue) : has(self.averageValue) && !has(self.averageUtilization)").message("a Utilization target needs averageUtilization, an AverageValue target needs averageValue"))]
+pub struct MetricTarget {
+    /// `Utilization` (percent of the pods' requests) or `AverageValue` (value per pod).
+    #[serde(rename = "type")]
+    pub type_: TargetType,
+    /// Percent of the requested resource, averaged over the pods (Utilization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub average_utilization: Option<i32>,
+    /// Value per pod, as a Kubernetes quantity (AverageValue): e.g. `500m` CPU, `512Mi`
+    /// memory, or `10` tasks per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average_value: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+}
+
+/// Kind of metric target.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum TargetType {
+    /// Percent of the pods' resource requests.
+    Utilization,
+    /// Absolute value per pod.
+    AverageValue,
+}
+
+/// PodDisruptionBudget settings; set exactly one field.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.minAvailable) != has(self.maxUnavailable)").message("set exactly one of minAvailable and maxUnavailable"))]
+pub struct DisruptionBudget {
+    /// Pods that must stay up during voluntary disruptions (number or percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
+    /// Pods that may be down during voluntary disruptions (number or percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+/// Flower settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowerSpec {
+    /// Set to false to remove Flower while keeping its settings.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Flower pods. Flower keeps its view of the cluster in memory, so more than one pod
+    /// shows diverging data; 1 is the sensible value. CEP field: `flowerSpec.replicas`.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0, max = 10))]
+    pub replicas: i32,
+    /// Extra arguments appended to `celery flower`. CEP field: `flowerSpec.args`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Port Flower listens on and the Service exposes. CEP field: `flowerSpec.servicePort`.
+    #[serde(default = "default_flower_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Type of the Flower Service. CEP field: `flowerSpec.serviceType` (its `Default` is
+    /// `ClusterIP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<ServiceType>,
+    /// CPU and memory of the Flower container. CEP field: `flowerSpec.resources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Secret key holding `user:password` (comma-separated for several users) for Flower's
+    /// HTTP basic auth, passed as `FLOWER_BASIC_AUTH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth_secret_ref: Option<SecretKeyRef>,
+    /// Expose Flower through an Ingress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<FlowerIngress>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> i32 {
+    1
+}
+fn default_flower_port() -> i32 {
+    5555
+}
+
+/// Kubernetes Service type for Flower.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only (default).
+    ClusterIP,
+    /// Also on a port of every node.
+    NodePort,
+    /// Also through a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The value Kubernetes expects in a Service's `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Ingress in front of Flower.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowerIngress {
+    /// Host name Flower is served on.
+    #[x_kube(validation = Rule::new("self.matches('^(\\\\*\\\\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("host must be a DNS name"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// URL path prefix. Defaults to `/`. When it is not `/`, also pass Flower's
+    /// `--url_prefix` in `args`.
+    #[serde(default = "default_path")]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must start with '/'"))]
+    pub path: String,
+    /// IngressClass to use; the cluster default when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// Secret with the TLS certificate for `host`; plain HTTP when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+    /// Annotations on the Ingress (for your ingress controller or cert-manager).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+/// Celery beat settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BeatSpec {
+    /// Set to false to remove beat while keeping its settings.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Extra arguments appended to `celery beat` (for example
+    /// `--scheduler django_celery_beat.schedulers:DatabaseScheduler`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// CPU and memory of the beat container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Observed state, written by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CeleryStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, with reasons and messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Ready worker pods over desired worker pods, across pools (for example `3/4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_ready: Option<String>,
+    /// One entry per worker pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<PoolStatus>,
+    /// Flower's Deployment, when Flower is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flower: Option<ComponentStatus>,
+    /// Beat's Deployment, when beat is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat: Option<ComponentStatus>,
+}
+
+/// Replica counts of one worker pool.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// Whether an autoscaler owns the pool's replica count.
+    pub autoscaled: bool,
+    /// The pool's Deployment and its replica counts.
+    #[serde(flatten)]
+    pub deployment: ComponentStatus,
+}
+
+/// Replica counts of one Deployment.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    /// Name of the Deployment.
+    pub deployment: String,
+    /// Desired pods (the Deployment's `spec.replicas`; set by the autoscaler when there
+    /// is one).
+    pub replicas: i32,
+    /// Pods passing their readiness probe.
+    pub ready_replicas: i32,
+}

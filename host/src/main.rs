@@ -1,0 +1,7 @@
+use kube::CustomResourceExt;
+fn main() {
+    print!(
+        "{}",
+        serde_saphyr::to_string(&celery_operator::crd::Celery::crd()).unwrap()
+    );
+}
