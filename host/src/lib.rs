@@ -4,7 +4,14 @@
 //! desired children (pure), [`apply`] them (and prune stale ones), then compute the
 //! [`status`]. [`reconcile`] strings the stages together and runs the controller.
 
+pub mod apply;
 pub mod build;
 pub mod children;
 pub mod crd;
+pub mod http;
+pub mod metrics;
 pub mod quantity;
+pub mod reconcile;
+pub mod render;
+pub mod status;
+pub mod validate;

@@ -1,0 +1,109 @@
+//! Prometheus metrics of the operator, served on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Result of one reconcile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// `success`, `invalid` (the spec is invalid) or `error` (will be retried).
+    pub result: &'static str,
+}
+
+/// One write request to a child object.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// The child's kind.
+    pub kind: &'static str,
+    /// `apply` or `delete`.
+    pub operation: &'static str,
+}
+
+/// The operator's metrics and the registry that serves them.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by result.
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    /// Duration of reconciles.
+    pub reconcile_duration: Histogram,
+    /// Write requests to child objects (a no-op reconcile adds none).
+    pub child_writes: Family<WriteLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("celery_operator");
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles of Celery resources, by result",
+            reconciles.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile of a Celery resource took",
+            reconcile_duration.clone(),
+        );
+        let child_writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "child_writes",
+            "Write requests sent for child objects",
+            child_writes.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_duration,
+            child_writes,
+        }
+    }
+}
+
+impl Metrics {
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_counters_with_labels() {
+        let m = Metrics::default();
+        m.reconciles
+            .get_or_create(&ReconcileLabels { result: "success" })
+            .inc();
+        m.child_writes
+            .get_or_create(&WriteLabels {
+                kind: "Deployment",
+                operation: "apply",
+            })
+            .inc_by(2);
+        m.reconcile_duration.observe(0.01);
+        let text = m.encode();
+        assert!(
+            text.contains("celery_operator_reconciles_total{result=\"success\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "celery_operator_child_writes_total{kind=\"Deployment\",operation=\"apply\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("celery_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

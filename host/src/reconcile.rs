@@ -1,0 +1,327 @@
+//! The controller: one reconcile strings the stages together — validate, build, apply
+//! (observe, apply drifted, prune stale), status — and reports what a person should see.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, error, info, warn};
+
+use crate::apply::{self, Applied};
+use crate::build::{self, MANAGER, labels};
+use crate::children::ChildKind;
+use crate::crd::{Celery, CeleryStatus};
+use crate::metrics::{Metrics, ReconcileLabels, WriteLabels};
+use crate::status::{self, DEGRADED, READY};
+use crate::validate::validate;
+
+/// Resync period: even without any event, every resource is checked for drift this often.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Retry delay after a failed reconcile.
+const RETRY: Duration = Duration::from_secs(15);
+
+/// Why a reconcile failed; it is retried after [`RETRY`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request to the Kubernetes API failed.
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks metadata the API server always sets.
+    #[error("Celery resource has no {0}")]
+    MissingMetadata(&'static str),
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// Publishes Events on Celery resources.
+    pub recorder: Recorder,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    /// A context whose Events are reported as coming from `instance` (the pod name).
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+        }
+    }
+}
+
+/// Reconciles one Celery resource and records the metrics of doing so.
+pub async fn reconcile(celery: Arc<Celery>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let result = reconcile_stages(&celery, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(start.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(Reconciled::Invalid) => "invalid",
+        Ok(_) => "success",
+        Err(_) => "error",
+    };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ReconcileLabels { result: label })
+        .inc();
+    result.map(|r| match r {
+        // Only a spec change can fix an invalid spec, and that triggers a reconcile.
+        Reconciled::Invalid => Action::await_change(),
+        Reconciled::Applied => Action::requeue(RESYNC),
+    })
+}
+
+/// Where a successful reconcile ended.
+enum Reconciled {
+    Invalid,
+    Applied,
+}
+
+async fn reconcile_stages(celery: &Celery, ctx: &Context) -> Result<Reconciled, Error> {
+    let ns = celery
+        .namespace()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let uid = celery.uid().ok_or(Error::MissingMetadata("uid"))?;
+    let name = celery.name_any();
+    let now = Time(jiff::Timestamp::now());
+    let api: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // Stage 1: validate. Nothing is applied or pruned for an invalid spec.
+    if let Err(invalid) = validate(celery) {
+        let message = invalid.0.join("; ");
+        let already_reported = status::find(celery.status.as_ref(), DEGRADED)
+            .is_some_and(|c| c.reason == "InvalidSpec" && c.message == message);
+        write_status(&api, celery, status::invalid(celery, &message, &now)).await?;
+        if !already_reported {
+            warn!(%ns, %name, %message, "invalid spec");
+            publish(
+                ctx,
+                celery,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                message,
+            )
+            .await;
+        }
+        return Ok(Reconciled::Invalid);
+    }
+
+    // Stage 2: build the desired children (pure).
+    let desired = build::desired_children(celery);
+
+    // Stage 3: observe the live children, apply what drifted, prune what is stale.
+    let live = apply::list_children(&ctx.client, &ns, &name).await?;
+    let on_write = |kind: ChildKind, operation| {
+        ctx.metrics
+            .child_writes
+            .get_or_create(&WriteLabels {
+                kind: kind.kind(),
+                operation,
+            })
+            .inc();
+    };
+    let applied = apply::apply_children(&ctx.client, &ns, &uid, &desired, live, on_write).await;
+
+    // Stage 4: status and Events.
+    let outcome = status::Outcome {
+        deployments: applied
+            .current
+            .iter()
+            .filter(|((kind, _), _)| *kind == ChildKind::Deployment)
+            .filter_map(|((_, name), obj)| {
+                Some((name.clone(), obj.clone().try_parse::<Deployment>().ok()?))
+            })
+            .collect(),
+        changed: applied.changed(),
+        apply_error: applied.error.as_ref().map(ToString::to_string),
+    };
+    let new_status = status::compute(celery, &outcome, &now);
+    let became_ready = is_true(Some(&new_status)) && !is_true(celery.status.as_ref());
+    write_status(&api, celery, new_status).await?;
+    report(ctx, celery, &applied, became_ready).await;
+    match applied.error {
+        Some(e) => Err(e.into()),
+        None => Ok(Reconciled::Applied),
+    }
+}
+
+fn is_true(status: Option<&CeleryStatus>) -> bool {
+    status::find(status, READY).is_some_and(|c| c.status == "True")
+}
+
+/// Writes the status only when it changed, so a quiet reconcile sends no write.
+async fn write_status(
+    api: &Api<Celery>,
+    celery: &Celery,
+    status: CeleryStatus,
+) -> Result<(), Error> {
+    if celery.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    // Server-side apply replaces exactly the fields we own, including removing ones that
+    // are no longer set (a merge patch would leave them behind).
+    let patch = json!({
+        "apiVersion": Celery::api_version(&()),
+        "kind": Celery::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &celery.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Events a person reading `kubectl describe celery` should see.
+async fn report(ctx: &Context, celery: &Celery, applied: &Applied, became_ready: bool) {
+    let (ns, name) = (celery.namespace().unwrap_or_default(), celery.name_any());
+    for (what, reason, items) in [
+        ("created", "Created", &applied.created),
+        ("updated", "Updated", &applied.updated),
+        ("deleted", "Deleted", &applied.deleted),
+    ] {
+        if !items.is_empty() {
+            info!(%ns, %name, objects = ?items, "{what} children");
+            let note = format!("{} {}", capitalize(what), items.join(", "));
+            publish(ctx, celery, EventType::Normal, reason, "Reconcile", note).await;
+        }
+    }
+    if let Some(e) = &applied.error {
+        warn!(%ns, %name, error = %e, "applying children failed");
+        publish(
+            ctx,
+            celery,
+            EventType::Warning,
+            "ApplyFailed",
+            "Reconcile",
+            e.to_string(),
+        )
+        .await;
+    }
+    if became_ready {
+        publish(
+            ctx,
+            celery,
+            EventType::Normal,
+            "Ready",
+            "Reconcile",
+            "Every component has all its pods ready".into(),
+        )
+        .await;
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// Publishes an Event; failing to do so is logged, never fatal.
+async fn publish(
+    ctx: &Context,
+    celery: &Celery,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        // The Events API limits notes to 1 kB.
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &celery.object_ref(&())).await {
+        warn!(error = %e, "could not publish Event");
+    }
+}
+
+/// Decides what happens after a failed reconcile.
+pub fn error_policy(celery: Arc<Celery>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(name = %celery.name_any(), ns = ?celery.namespace(), %error, "reconcile failed; retrying");
+    Action::requeue(RETRY)
+}
+
+/// Runs the controller until SIGTERM or SIGINT. Watches Celery resources (in `namespace`, or
+/// all namespaces) and the children the operator manages, so a changed or deleted child is
+/// repaired.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    ctx: Arc<Context>,
+    ready: Arc<AtomicBool>,
+) {
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let celeries: Api<Celery> = api(&client, &namespace);
+    wait_for_crd(&celeries).await;
+    ready.store(true, Ordering::Relaxed);
+
+    let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
+    Controller::new(celeries, watcher::Config::default())
+        .owns(api::<Deployment>(&client, &namespace), owned.clone())
+        .owns(api::<Service>(&client, &namespace), owned.clone())
+        .owns(api::<Ingress>(&client, &namespace), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+        // A rollout changes a Deployment's status many times a second; one reconcile for
+        // the burst is enough.
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(name = %obj.name, ns = ?obj.namespace, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+/// Blocks until Celery resources can be listed, saying clearly why not in the meantime.
+async fn wait_for_crd(celeries: &Api<Celery>) {
+    loop {
+        match celeries.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(e) => {
+                error!(error = %e, "cannot list Celery resources; is the CRD installed? \
+                       (celery-operator crd | kubectl apply --server-side -f -)");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `celery-operator render`: the children the operator would apply for Celery resources
+//! read from YAML, without a cluster.
+
+use kube::ResourceExt;
+use serde_json::Value;
+
+use crate::build::desired_children;
+use crate::crd::Celery;
+use crate::validate::validate;
+
+/// Why a file cannot be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The YAML is not a Celery resource.
+    #[error("not a valid Celery resource: {0}")]
+    Parse(String),
+    /// The resource breaks a rule of the CRD.
+    #[error("{name}: {source}")]
+    Invalid {
+        /// Name of the resource.
+        name: String,
+        /// The broken rules.
+        source: crate::validate::InvalidSpec,
+    },
+}
+
+/// Renders every Celery resource in `yaml` (one or more documents) to the YAML of its
+/// children, documents separated by `---`.
+pub fn render(yaml: &str) -> Result<String, RenderError> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(yaml).map_err(|e| RenderError::Parse(e.to_string()))?;
+    let mut out = Vec::new();
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+        if kind != "Celery" {
+            return Err(RenderError::Parse(format!(
+                "expected kind Celery, found {kind:?}"
+            )));
+        }
+        let mut celery: Celery =
+            serde_json::from_value(doc).map_err(|e| RenderError::Parse(e.to_string()))?;
+        if celery.namespace().is_none() {
+            celery.metadata.namespace = Some("default".into());
+        }
+        validate(&celery).map_err(|source| RenderError::Invalid {
+            name: celery.name_any(),
+            source,
+        })?;
+        for child in desired_children(&celery) {
+            out.push(
+                serde_saphyr::to_string(&child.object).expect("JSON values serialize to YAML"),
+            );
+        }
+    }
+    Ok(out.join("---\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "apiVersion: celeryproject.org/v1alpha1\nkind: Celery\nmetadata: {name: m}\nspec:\n  app: proj\n  image: img\n  broker: {secretRef: {name: b, key: url}}\n  workers: [{name: default}]\n";
+
+    #[test]
+    fn renders_each_child_as_a_yaml_document() {
+        let out = render(MINIMAL).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&out).unwrap();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0]["kind"], "Deployment");
+        assert_eq!(docs[0]["metadata"]["namespace"], "default");
+    }
+
+    #[test]
+    fn rejects_other_kinds_and_invalid_specs_clearly() {
+        let err = render("kind: Deployment\nmetadata: {name: x}\n").unwrap_err();
+        assert!(err.to_string().contains("expected kind Celery"), "{err}");
+        let err = render(&MINIMAL.replace("name: default", "name: Bad_Name")).unwrap_err();
+        assert!(
+            err.to_string().contains("m: invalid Celery spec")
+                && err.to_string().contains("DNS label"),
+            "{err}"
+        );
+        let err = render(&MINIMAL.replace("  image: img\n", "")).unwrap_err();
+        assert!(err.to_string().contains("image"), "{err}");
+    }
+}
