@@ -47,8 +47,8 @@ pub enum Error {
 pub struct Context {
     /// The Kubernetes client.
     pub client: Client,
-    /// Publishes Events on Celery resources.
-    pub recorder: Recorder,
+    /// Who publishes the Events.
+    pub reporter: Reporter,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -61,7 +61,7 @@ impl Context {
             instance,
         };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             metrics,
         }
@@ -158,8 +158,11 @@ async fn reconcile_stages(celery: &Celery, ctx: &Context) -> Result<Reconciled, 
     };
     let new_status = status::compute(celery, &outcome, &now);
     let became_ready = is_true(Some(&new_status)) && !is_true(celery.status.as_ref());
+    let new_failure = outcome.apply_error.is_some()
+        && status::find(celery.status.as_ref(), DEGRADED)
+            != status::find(Some(&new_status), DEGRADED);
     write_status(&api, celery, new_status).await?;
-    report(ctx, celery, &applied, became_ready).await;
+    report(ctx, celery, &applied, became_ready, new_failure).await;
     match applied.error {
         Some(e) => Err(e.into()),
         None => Ok(Reconciled::Applied),
@@ -196,7 +199,16 @@ async fn write_status(
 }
 
 /// Events a person reading `kubectl describe celery` should see.
-async fn report(ctx: &Context, celery: &Celery, applied: &Applied, became_ready: bool) {
+///
+/// Each is published when something changed, never on a quiet reconcile, so a failure that
+/// repeats on every retry is reported once, not every 15 seconds.
+async fn report(
+    ctx: &Context,
+    celery: &Celery,
+    applied: &Applied,
+    became_ready: bool,
+    new_failure: bool,
+) {
     let (ns, name) = (celery.namespace().unwrap_or_default(), celery.name_any());
     for (what, reason, items) in [
         ("created", "Created", &applied.created),
@@ -211,6 +223,8 @@ async fn report(ctx: &Context, celery: &Celery, applied: &Applied, became_ready:
     }
     if let Some(e) = &applied.error {
         warn!(%ns, %name, error = %e, "applying children failed");
+    }
+    if let Some(e) = applied.error.as_ref().filter(|_| new_failure) {
         publish(
             ctx,
             celery,
@@ -258,7 +272,10 @@ async fn publish(
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &celery.object_ref(&())).await {
+    // A fresh recorder: kube's recorder folds Events with the same reason into one series
+    // and keeps the first note, which would hide a new message behind an old one.
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(e) = recorder.publish(&event, &celery.object_ref(&())).await {
         warn!(error = %e, "could not publish Event");
     }
 }
