@@ -68,6 +68,7 @@ pub struct CelerySpec {
     /// Celery version the image runs (for example `5.4`). Informational: recorded as the
     /// `app.kubernetes.io/version` label on every child. CEP field: `common.celeryVersion`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$')").message("celeryVersion must be usable as a label value, such as '5.4' or '5.4.0rc1'"))]
     #[schemars(length(max = 63))]
     pub celery_version: Option<String>,
 

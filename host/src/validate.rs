@@ -115,6 +115,11 @@ mod tests {
                 "set exactly one of minAvailable and maxUnavailable",
             ),
             (
+                "celeryVersion: \"5.4\"",
+                "celeryVersion: \"5.4+\"",
+                "celeryVersion must be usable as a label value",
+            ),
+            (
                 "host: flower.example.com",
                 "host: \"flower example\"",
                 "host must be a DNS name",
