@@ -6,7 +6,10 @@ use celery_operator::crd::Celery;
 
 #[test]
 fn committed_crd_matches_the_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/celeries.celeryproject.org.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/celeries.celeryproject.org.yaml"
+    );
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     let generated = serde_saphyr::to_string(&Celery::crd()).unwrap();
     assert!(
@@ -19,11 +22,22 @@ fn committed_crd_matches_the_types() {
 #[test]
 fn crd_serves_v1alpha1_with_status_and_short_name() {
     let crd = Celery::crd();
-    assert_eq!(crd.metadata.name.as_deref(), Some("celeries.celeryproject.org"));
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("celeries.celeryproject.org")
+    );
     assert_eq!(crd.spec.names.short_names, Some(vec!["cel".to_string()]));
     let version = &crd.spec.versions[0];
     assert_eq!(version.name, "v1alpha1");
     assert!(version.subresources.as_ref().unwrap().status.is_some());
-    let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-    assert_eq!(columns, ["Ready", "Workers", "Flower", "Beat", "Reason", "Age"]);
+    let columns: Vec<_> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Ready", "Workers", "Flower", "Beat", "Reason", "Age"]
+    );
 }
