@@ -5,6 +5,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{ExecAction, Probe};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{celery_container, child_meta, pod_template, selector, worker_name};
 use crate::children::{Child, ChildKind};
@@ -27,12 +28,7 @@ pub fn children(celery: &Celery, pool: &WorkerPool) -> Vec<Child> {
     )];
     if let Some(pdb) = &pool.pod_disruption_budget {
         let budget = PodDisruptionBudget {
-            metadata: child_meta(
-                celery,
-                worker_name(celery, &pool.name),
-                COMPONENT,
-                Some(&pool.name),
-            ),
+            metadata: meta(celery, pool),
             spec: Some(PodDisruptionBudgetSpec {
                 selector: Some(selector(celery, COMPONENT, Some(&pool.name))),
                 min_available: pdb.min_available.clone(),
@@ -48,6 +44,15 @@ pub fn children(celery: &Celery, pool: &WorkerPool) -> Vec<Child> {
         ));
     }
     out
+}
+
+fn meta(celery: &Celery, pool: &WorkerPool) -> ObjectMeta {
+    child_meta(
+        celery,
+        worker_name(celery, &pool.name),
+        COMPONENT,
+        Some(&pool.name),
+    )
 }
 
 /// The arguments after `celery -A <app>`.
@@ -146,12 +151,7 @@ fn deployment(celery: &Celery, pool: &WorkerPool) -> Deployment {
     }
 
     Deployment {
-        metadata: child_meta(
-            celery,
-            worker_name(celery, &pool.name),
-            COMPONENT,
-            Some(&pool.name),
-        ),
+        metadata: meta(celery, pool),
         spec: Some(DeploymentSpec {
             // With an autoscaler the field is left out entirely: whoever applies `replicas`
             // owns it, and the operator must never fight the autoscaler.
