@@ -1,0 +1,293 @@
+//! The queue-length maths: the Kubernetes HPA's algorithm applied to a Celery pool's
+//! backlog. The `queue-length` plugin is these maths and nothing else; other scalers build
+//! on them (see `examples/plugins/business-hours`, which raises `min-replicas` during
+//! business hours and calls [`decide`]).
+//!
+//! They live in the SDK rather than in the `queue-length` plugin crate because a plugin
+//! crate cannot be a dependency of another plugin: both would export
+//! `celery:operator/scaler@0.1.0#decide` and the component fails to link.
+//!
+//! The backlog is the latest sample's sum, over the pool's queues, of `ready` (waiting)
+//! plus `reserved` (delivered to a worker, not yet acknowledged) tasks. Then, as the HPA
+//! does for an `AverageValue` target:
+//!
+//! 1. backlog 0 → `min-replicas`: the only way to reach zero replicas is an empty queue
+//!    *and* no reserved work;
+//! 2. `current-replicas` 0 → `ceil(backlog / target)` (at least 1);
+//! 3. otherwise, if `(backlog / current) / target` is within `tolerance` of 1 → keep
+//!    `current-replicas`; else `ceil(backlog / target)`;
+//! 4. clamp to `[min-replicas, max-replicas]`; a non-zero backlog gives at least 1;
+//! 5. stabilize: a scale-down goes no lower than the highest recommendation of the last
+//!    `scaleDownStabilizationSeconds` (and this one), a scale-up no higher than the lowest
+//!    of the last `scaleUpStabilizationSeconds` (the HPA's
+//!    `behavior.*.stabilizationWindowSeconds`). Neither window ever moves the replicas
+//!    the other way, and waking a pool from zero is never held back.
+//!
+//! `Decision::recommendation` is the clamped recommendation of steps 1–4 (the host keeps
+//! it in `history`); `Decision::replicas` the stabilized one.
+//!
+//! Settings (all optional): `{"tolerance": 0.1, "scaleDownStabilizationSeconds": 300,
+//! "scaleUpStabilizationSeconds": 0}`.
+//!
+//! ```
+//! use celery_operator_plugin_sdk::queue_length::{decide, Settings};
+//! use celery_operator_plugin_sdk::scaler::{QueueDepth, Sample, ScalingInput};
+//!
+//! let input = ScalingInput {
+//!     pool: "default".into(),
+//!     now_ms: 1_700_000_000_000,
+//!     current_replicas: 2,
+//!     min_replicas: 0,
+//!     max_replicas: 20,
+//!     target_per_replica: 5.0,
+//!     samples: vec![Sample {
+//!         at_ms: 1_699_999_999_000,
+//!         queues: vec![QueueDepth { name: "celery".into(), ready: 30, reserved: 7 }],
+//!     }],
+//!     history: vec![],
+//!     settings: "{}".into(),
+//! };
+//! let d = decide(&input, &Settings::default()).unwrap();
+//! assert_eq!(d.replicas, 8);
+//! assert_eq!(d.reason, "backlog 37 (ready 30, reserved 7) over target 5/replica: 8 replicas");
+//! ```
+
+use serde::Deserialize;
+
+use crate::parse_settings;
+use crate::scaler::{Decision, Recommendation, Sample, ScalingInput};
+
+/// The plugin's settings.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// How far (as a fraction) the per-replica backlog may be from the target before the
+    /// replica count changes. Default 0.1, like the HPA's.
+    pub tolerance: f64,
+    /// Window over which a scale-down is held at the highest recent recommendation.
+    /// Default 300, like the HPA's.
+    pub scale_down_stabilization_seconds: u64,
+    /// Window over which a scale-up is held at the lowest recent recommendation.
+    /// Default 0 (scale up at once), like the HPA's.
+    pub scale_up_stabilization_seconds: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            tolerance: 0.1,
+            scale_down_stabilization_seconds: 300,
+            scale_up_stabilization_seconds: 0,
+        }
+    }
+}
+
+impl Settings {
+    /// Parses and checks the `settings` JSON (`{}` or empty means all defaults).
+    pub fn parse(settings: &str) -> Result<Self, String> {
+        let s: Settings = parse_settings(settings)?;
+        if !(s.tolerance.is_finite() && s.tolerance >= 0.0) {
+            return Err(format!(
+                "settings.tolerance: must be a number >= 0, got {}",
+                s.tolerance
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// Tasks in a pool's queues at one probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Waiting tasks, summed over the queues.
+    pub ready: u64,
+    /// Reserved (delivered, unacknowledged) tasks, summed over the queues.
+    pub reserved: u64,
+}
+
+impl Backlog {
+    /// The backlog of the latest of `samples` (the one with the highest `at-ms`; the last
+    /// such one on a tie). Errors when there is none.
+    pub fn latest(samples: &[Sample]) -> Result<Self, String> {
+        // `max_by_key` returns the last of equal maxima.
+        let latest = samples
+            .iter()
+            .max_by_key(|s| s.at_ms)
+            .ok_or("no queue samples: the host must pass at least one")?;
+        Ok(latest
+            .queues
+            .iter()
+            .fold(Backlog::default(), |acc, q| Backlog {
+                ready: acc.ready.saturating_add(q.ready),
+                reserved: acc.reserved.saturating_add(q.reserved),
+            }))
+    }
+
+    /// Ready plus reserved tasks.
+    pub fn total(&self) -> u64 {
+        self.ready.saturating_add(self.reserved)
+    }
+}
+
+/// `ceil(total / target)` as a replica count for a non-zero `total` (so at least 1),
+/// forgiving the float error of an exact division (`3 / 0.1` is `30.000000000000004`,
+/// which must give 30, not 31).
+fn replicas_for(total: u64, target: f64) -> u32 {
+    let exact = total as f64 / target;
+    // Also catches NaN and infinity (a huge backlog over a tiny target).
+    if exact.is_nan() || exact >= u32::MAX as f64 {
+        return u32::MAX;
+    }
+    let replicas = (exact - exact.max(1.0) * 1e-9).ceil();
+    (replicas as u32).max(1)
+}
+
+/// Formats a number for a person: `5`, `2.5`, `4.83`.
+fn num(x: f64) -> String {
+    let rounded = (x * 100.0).round() / 100.0;
+    format!("{rounded}")
+}
+
+/// The raw (clamped, not yet stabilized) recommendation and why.
+pub fn recommend(input: &ScalingInput, settings: &Settings) -> Result<(u32, String), String> {
+    let target = input.target_per_replica;
+    if !(target.is_finite() && target > 0.0) {
+        return Err(format!(
+            "target-per-replica must be a number above 0, got {target}"
+        ));
+    }
+    if input.min_replicas > input.max_replicas {
+        return Err(format!(
+            "min-replicas {} is above max-replicas {}",
+            input.min_replicas, input.max_replicas
+        ));
+    }
+    let backlog = Backlog::latest(&input.samples)?;
+    let total = backlog.total();
+    let current = input.current_replicas;
+    let what = format!(
+        "backlog {total} (ready {}, reserved {})",
+        backlog.ready, backlog.reserved
+    );
+
+    let (wanted, mut reason) = if total == 0 {
+        (
+            input.min_replicas,
+            format!(
+                "{what}: no queued or reserved tasks: {} (min-replicas)",
+                input.min_replicas
+            ),
+        )
+    } else if current == 0 {
+        let n = replicas_for(total, target);
+        (
+            n,
+            format!("{what} over target {}/replica: {n} replicas", num(target)),
+        )
+    } else {
+        let per_replica = total as f64 / current as f64;
+        let ratio = per_replica / target;
+        // The epsilon keeps a ratio exactly at the edge (22 tasks on 4 replicas for 5 is
+        // 1.1, computed as 1.1000000000000001) inside the tolerance.
+        if (ratio - 1.0).abs() <= settings.tolerance + 1e-9 {
+            (
+                current,
+                format!(
+                    "{what} is {}/replica, within {}% tolerance of target {}: keep {current}",
+                    num(per_replica),
+                    num(settings.tolerance * 100.0),
+                    num(target)
+                ),
+            )
+        } else {
+            let n = replicas_for(total, target);
+            (
+                n,
+                format!("{what} over target {}/replica: {n} replicas", num(target)),
+            )
+        }
+    };
+
+    // A non-zero backlog always wants at least 1 (see `replicas_for`), so with
+    // max-replicas >= 1 only an empty backlog can recommend 0.
+    let replicas = wanted.clamp(input.min_replicas, input.max_replicas);
+    if replicas < wanted {
+        reason.push_str(&format!(", capped at max-replicas {replicas}"));
+    } else if replicas > wanted {
+        reason.push_str(&format!(", raised to min-replicas {replicas}"));
+    }
+    Ok((replicas, reason))
+}
+
+/// Recommendations of `history` made in the `seconds` before `now_ms` (a future one
+/// counts too: the safe side if the host's clock stepped back).
+fn in_window(history: &[Recommendation], now_ms: u64, seconds: u64) -> impl Iterator<Item = u32> {
+    let cutoff = now_ms.saturating_sub(seconds.saturating_mul(1000));
+    history
+        .iter()
+        .filter(move |r| seconds > 0 && r.at_ms > cutoff)
+        .map(|r| r.replicas)
+}
+
+/// Applies the stabilization windows to the raw recommendation `raw`, as the HPA does:
+/// returns the replicas to run and, when a window changed the outcome, why.
+pub fn stabilize(input: &ScalingInput, raw: u32, settings: &Settings) -> (u32, Option<String>) {
+    let current = input.current_replicas;
+    let up = in_window(
+        &input.history,
+        input.now_ms,
+        settings.scale_up_stabilization_seconds,
+    )
+    .fold(raw, u32::min);
+    let down = in_window(
+        &input.history,
+        input.now_ms,
+        settings.scale_down_stabilization_seconds,
+    )
+    .fold(raw, u32::max);
+    let replicas = if current < up {
+        up
+    } else if current > down {
+        down
+    } else {
+        current
+    };
+    let note = if replicas == raw {
+        None
+    } else if raw < current {
+        Some(format!(
+            "scale-down to {raw} held by the {}s stabilization window: {replicas}",
+            settings.scale_down_stabilization_seconds
+        ))
+    } else {
+        Some(format!(
+            "scale-up to {raw} held by the {}s stabilization window: {replicas}",
+            settings.scale_up_stabilization_seconds
+        ))
+    };
+    (replicas, note)
+}
+
+/// The whole decision: [`recommend`], then [`stabilize`], clamped to
+/// `[min-replicas, max-replicas]` (history may predate a change of bounds). Waking a pool
+/// from zero is never held back: a non-zero backlog always gets at least 1 replica.
+pub fn decide(input: &ScalingInput, settings: &Settings) -> Result<Decision, String> {
+    let (recommendation, mut reason) = recommend(input, settings)?;
+    let (mut replicas, note) = stabilize(input, recommendation, settings);
+    if let Some(note) = note {
+        reason = format!("{reason}; {note}");
+    }
+    replicas = replicas.clamp(input.min_replicas, input.max_replicas);
+    if recommendation > 0 && replicas == 0 {
+        replicas = recommendation.min(1);
+        reason.push_str(&format!("; waking from zero: {replicas}"));
+    }
+    Ok(Decision {
+        replicas,
+        recommendation,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests;
