@@ -16,7 +16,8 @@ fn api(client: &Client, ns: &str, kind: ChildKind) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &kind.api_resource())
 }
 
-/// Lists every child kind by the operator's labels: one read per kind.
+/// Lists every child kind by the operator's labels: one read per kind. A kind that the
+/// cluster does not serve (KEDA not installed) has no children.
 pub async fn list_children(
     client: &Client,
     ns: &str,
@@ -25,7 +26,11 @@ pub async fn list_children(
     let params = ListParams::default().labels(&children_selector(name));
     let mut live = LiveObjects::new();
     for kind in ChildKind::ALL {
-        for obj in api(client, ns, kind).list(&params).await? {
+        let list = match api(client, ns, kind).list(&params).await {
+            Err(kube::Error::Api(s)) if s.is_not_found() && kind.optional() => continue,
+            list => list?,
+        };
+        for obj in list {
             live.insert((kind, obj.name_any()), obj);
         }
     }
@@ -54,7 +59,8 @@ impl Applied {
     }
 }
 
-/// Applies the drifted desired children, then deletes the stale ones.
+/// Applies the drifted desired children, then deletes the stale ones (but never the
+/// autoscaler objects of `kept_pools`).
 ///
 /// Children are only pruned once every desired child is applied, so a failure half-way (a
 /// quota, a webhook) never leaves the application with fewer components than before.
@@ -64,6 +70,7 @@ pub async fn apply_children(
     owner_uid: &str,
     desired: &[Child],
     mut live: LiveObjects,
+    kept_pools: &[String],
     on_write: impl Fn(ChildKind, &'static str),
 ) -> Applied {
     let mut out = Applied::default();
@@ -109,7 +116,7 @@ pub async fn apply_children(
         .iter()
         .map(|((kind, _), obj)| LiveChild::from_dynamic(*kind, obj))
         .collect();
-    for child in stale(owner_uid, desired, &remaining) {
+    for child in stale(owner_uid, desired, &remaining, kept_pools) {
         on_write(child.kind, "delete");
         match api(client, ns, child.kind)
             .delete(&child.name, &DeleteParams::background())

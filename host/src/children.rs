@@ -3,9 +3,11 @@
 //! objects are stale and must be pruned.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
 use serde::Serialize;
 use serde_json::Value;
@@ -24,16 +26,40 @@ pub enum ChildKind {
     Ingress,
     /// policy/v1 PodDisruptionBudget (worker pools).
     PodDisruptionBudget,
+    /// autoscaling/v2 HorizontalPodAutoscaler (from an autoscaler plugin).
+    HorizontalPodAutoscaler,
+    /// keda.sh/v1alpha1 ScaledObject (from an autoscaler plugin; KEDA may be absent).
+    ScaledObject,
+    /// keda.sh/v1alpha1 TriggerAuthentication (from an autoscaler plugin).
+    TriggerAuthentication,
 }
 
 impl ChildKind {
     /// All kinds, in the order they are applied.
-    pub const ALL: [ChildKind; 4] = [
+    pub const ALL: [ChildKind; 7] = [
         ChildKind::Deployment,
         ChildKind::Service,
         ChildKind::Ingress,
         ChildKind::PodDisruptionBudget,
+        ChildKind::HorizontalPodAutoscaler,
+        ChildKind::ScaledObject,
+        ChildKind::TriggerAuthentication,
     ];
+
+    /// The kinds an autoscaler plugin may return.
+    pub const AUTOSCALER: [ChildKind; 3] = [
+        ChildKind::HorizontalPodAutoscaler,
+        ChildKind::ScaledObject,
+        ChildKind::TriggerAuthentication,
+    ];
+
+    /// The kind of an object with this `apiVersion` and `kind`, if the operator manages it.
+    pub fn of(api_version: &str, kind: &str) -> Option<ChildKind> {
+        Self::ALL.into_iter().find(|k| {
+            let ar = k.api_resource();
+            ar.api_version == api_version && ar.kind == kind
+        })
+    }
 
     /// The API resource (group, version, plural) of this kind.
     pub fn api_resource(self) -> ApiResource {
@@ -42,6 +68,13 @@ impl ChildKind {
             ChildKind::Service => ApiResource::erase::<Service>(&()),
             ChildKind::Ingress => ApiResource::erase::<Ingress>(&()),
             ChildKind::PodDisruptionBudget => ApiResource::erase::<PodDisruptionBudget>(&()),
+            ChildKind::HorizontalPodAutoscaler => {
+                ApiResource::erase::<HorizontalPodAutoscaler>(&())
+            }
+            ChildKind::ScaledObject => keda("ScaledObject", "scaledobjects"),
+            ChildKind::TriggerAuthentication => {
+                keda("TriggerAuthentication", "triggerauthentications")
+            }
         }
     }
 
@@ -52,7 +85,28 @@ impl ChildKind {
             ChildKind::Service => "Service",
             ChildKind::Ingress => "Ingress",
             ChildKind::PodDisruptionBudget => "PodDisruptionBudget",
+            ChildKind::HorizontalPodAutoscaler => "HorizontalPodAutoscaler",
+            ChildKind::ScaledObject => "ScaledObject",
+            ChildKind::TriggerAuthentication => "TriggerAuthentication",
         }
+    }
+
+    /// Whether the kind is served only when an add-on (KEDA) is installed.
+    pub fn optional(self) -> bool {
+        matches!(
+            self,
+            ChildKind::ScaledObject | ChildKind::TriggerAuthentication
+        )
+    }
+}
+
+fn keda(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     }
 }
 
@@ -135,6 +189,8 @@ pub struct LiveChild {
     pub name: String,
     /// UIDs of its controller owner references.
     pub controller_uids: Vec<String>,
+    /// Its worker pool label, if any.
+    pub pool: Option<String>,
 }
 
 impl LiveChild {
@@ -151,18 +207,30 @@ impl LiveChild {
                 .filter(|r| r.controller == Some(true))
                 .map(|r| r.uid.clone())
                 .collect(),
+            pool: obj.labels().get(crate::build::labels::POOL).cloned(),
         }
     }
 }
 
-/// The live children to delete: those controlled by `owner_uid` that are not desired.
+/// The live children to delete: those controlled by `owner_uid` that are not desired,
+/// except the autoscaler objects of `kept_pools` (whose autoscaler plugin failed, so what
+/// runs is kept).
 ///
 /// Objects that merely carry our labels but are controlled by something else (or by nothing)
 /// are never touched: the label is not proof of ownership, the controller reference is.
-pub fn stale<'a>(owner_uid: &str, desired: &[Child], live: &'a [LiveChild]) -> Vec<&'a LiveChild> {
+pub fn stale<'a>(
+    owner_uid: &str,
+    desired: &[Child],
+    live: &'a [LiveChild],
+    kept_pools: &[String],
+) -> Vec<&'a LiveChild> {
     live.iter()
         .filter(|l| l.controller_uids.iter().any(|u| u == owner_uid))
         .filter(|l| !desired.iter().any(|d| d.kind == l.kind && d.name == l.name))
+        .filter(|l| {
+            !(ChildKind::AUTOSCALER.contains(&l.kind)
+                && l.pool.as_ref().is_some_and(|p| kept_pools.contains(p)))
+        })
         .collect()
 }
 
@@ -225,6 +293,7 @@ mod tests {
             kind,
             name: name.into(),
             controller_uids: owner.map(String::from).into_iter().collect(),
+            pool: None,
         }
     }
 
@@ -243,7 +312,7 @@ mod tests {
             live(ChildKind::Deployment, "c-worker-x", Some("u2")), // someone else's
             live(ChildKind::Deployment, "c-worker-y", None),       // not controlled
         ];
-        let names: Vec<_> = stale("u1", &desired, &live)
+        let names: Vec<_> = stale("u1", &desired, &live, &[])
             .iter()
             .map(|l| (l.kind, l.name.as_str()))
             .collect();
@@ -255,5 +324,32 @@ mod tests {
                 (ChildKind::Ingress, "c-flower"),
             ]
         );
+    }
+
+    #[test]
+    fn autoscaler_objects_of_kept_pools_are_not_pruned() {
+        let mut hpa = live(ChildKind::HorizontalPodAutoscaler, "c-worker-a", Some("u1"));
+        hpa.pool = Some("a".into());
+        let mut other = live(ChildKind::HorizontalPodAutoscaler, "c-worker-b", Some("u1"));
+        other.pool = Some("b".into());
+        let live = vec![hpa, other];
+        let names: Vec<_> = stale("u1", &[], &live, &["a".to_string()])
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(names, vec!["c-worker-b"]);
+    }
+
+    #[test]
+    fn kinds_are_found_by_api_version_and_kind() {
+        assert_eq!(
+            ChildKind::of("keda.sh/v1alpha1", "ScaledObject"),
+            Some(ChildKind::ScaledObject)
+        );
+        assert_eq!(
+            ChildKind::of("autoscaling/v2", "HorizontalPodAutoscaler"),
+            Some(ChildKind::HorizontalPodAutoscaler)
+        );
+        assert_eq!(ChildKind::of("v1", "ConfigMap"), None);
     }
 }

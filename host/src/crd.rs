@@ -118,6 +118,10 @@ pub struct CelerySpec {
     /// never autoscaled. Omit to run no beat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beat: Option<BeatSpec>,
+
+    /// WebAssembly plugins for this resource (the cluster may add its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<PluginsSpec>,
 }
 
 /// Image pull policy of the Celery containers.
@@ -160,6 +164,59 @@ pub struct BrokerSpec {
     /// Secret key holding the broker URL (for example `redis://:password@redis:6379/0` or
     /// `amqp://user:password@rabbitmq:5672/vhost`).
     pub secret_ref: SecretKeyRef,
+    /// The broker's kind: `redis` or `rabbitmq`. Queue-length autoscaling needs it (the URL
+    /// itself is never read into the resource).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<BrokerType>,
+}
+
+/// Kind of message broker.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerType {
+    /// Redis (or a Redis-compatible server such as Valkey).
+    Redis,
+    /// RabbitMQ (AMQP).
+    Rabbitmq,
+}
+
+/// Plugins the resource asks for.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginsSpec {
+    /// Shaping plugins run, in order, on the objects built for this resource, after the
+    /// cluster-wide ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub shapers: Vec<PluginRef>,
+}
+
+/// A plugin, by name, optionally pinned to one build.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginRef {
+    /// Plugin name: a built-in (`hpa`, `keda`, `queue-length`, `noop`) or the
+    /// `celeryproject.org/plugin` label of a plugin ConfigMap in the operator's namespace.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("plugin name must be a DNS label"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Use only the build with this digest (`sha256:<64 hex digits>`, as printed by
+    /// `celery-operator plugin check`); the resource is Degraded while it is not loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^sha256:[a-f0-9]{64}$')").message("digest must look like sha256:<64 lower-case hex digits>"))]
+    #[schemars(length(max = 71))]
+    pub digest: Option<String>,
+    /// Settings passed to the plugin as a JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub settings: Option<serde_json::Value>,
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 /// Pod settings shared by every Celery pod.
@@ -392,6 +449,13 @@ pub struct Autoscaling {
     /// What to scale on. CEP field: `scaleTargetRef.metrics`.
     #[schemars(length(min = 1, max = 8))]
     pub metrics: Vec<MetricSpec>,
+    /// The autoscaler-objects plugin that implements this pool's scaling: `hpa` (a
+    /// HorizontalPodAutoscaler, for cpu and memory), `keda` (a KEDA ScaledObject), `operator`
+    /// (no objects: the operator's own queue-length scaler), or a custom plugin. Defaults to
+    /// the cluster's choice: its CPU/memory default when every metric is cpu or memory, its
+    /// queue default otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<PluginRef>,
 }
 
 /// One autoscaling metric and its target.
@@ -591,6 +655,28 @@ pub struct CeleryStatus {
     /// Beat's Deployment, when beat is enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beat: Option<ComponentStatus>,
+    /// The plugins that shaped this resource's objects or produced its autoscalers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<PluginUse>,
+}
+
+/// One use of a plugin in the last reconcile.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginUse {
+    /// `shaper`, `autoscaler` or `scaler`.
+    pub role: String,
+    /// What it was used for: `shaping`, or `pool <name>`.
+    pub target: String,
+    /// Plugin name.
+    pub name: String,
+    /// `sha256:` digest of the build that ran.
+    pub digest: String,
+    /// Where it was loaded from: `builtin` or `configmap <namespace>/<name>`.
+    pub source: String,
+    /// Set when the plugin failed and the failure policy took over: what happened instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 /// Replica counts of one worker pool.

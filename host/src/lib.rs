@@ -1,8 +1,9 @@
 //! celery-operator: runs Celery on Kubernetes from a `Celery` custom resource.
 //!
 //! Reconciliation reads as stages, one module each: [`validate`] the spec, [`build`] the
-//! desired children (pure), [`apply`] them (and prune stale ones), then compute the
-//! [`status`]. [`reconcile`] strings the stages together and runs the controller.
+//! desired children (pure), let the WebAssembly [`plugin`]s [`shape`] them, [`apply`] them
+//! (and prune stale ones), then compute the [`status`]. [`reconcile`] strings the stages
+//! together and runs the controller.
 
 pub mod apply;
 pub mod build;
@@ -10,8 +11,10 @@ pub mod children;
 pub mod crd;
 pub mod http;
 pub mod metrics;
+pub mod plugin;
 pub mod quantity;
 pub mod reconcile;
 pub mod render;
+pub mod shape;
 pub mod status;
 pub mod validate;

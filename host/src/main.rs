@@ -1,10 +1,11 @@
 //! The `celery-operator` command line.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,6 +14,9 @@ use tracing_subscriber::EnvFilter;
 
 use celery_operator::crd::Celery;
 use celery_operator::metrics::Metrics;
+use celery_operator::plugin::cli as plugin_cli;
+use celery_operator::plugin::{FailurePolicy, Limits, PluginRef, Registry, Runtime};
+use celery_operator::shape::{self, PluginConfig, Plugins};
 use celery_operator::{http, reconcile, render};
 
 /// Runs Celery on Kubernetes from `Celery` custom resources.
@@ -36,6 +40,68 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check, run and pack WebAssembly plugins offline.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Is the file a plugin this operator can run? Prints its worlds, WIT version, size and
+    /// digest.
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+    },
+    /// Calls the plugin once on an input file and prints its output (JSON) and how long the
+    /// call took.
+    Run {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The world to call: `shaper-plugin`, `autoscaler-plugin` or `scaler-plugin`.
+        #[arg(long)]
+        world: String,
+        /// The input, as JSON (see wit/README.md for each world's shape).
+        #[arg(long)]
+        input: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Prints a ConfigMap (YAML) that ships the plugin, ready for `kubectl apply -f -`.
+    Pack {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// Plugin name: what Celery resources and the operator's flags refer to.
+        #[arg(long)]
+        name: String,
+        /// Namespace of the ConfigMap: the operator's own.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+}
+
+/// Bounds of every plugin call.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Wall-clock deadline of one call, in milliseconds.
+    #[arg(long, env = "PLUGIN_TIMEOUT_MS", default_value_t = 100)]
+    plugin_timeout_ms: u64,
+    /// Memory a plugin may use, in MiB.
+    #[arg(long, env = "PLUGIN_MEMORY_MIB", default_value_t = 64)]
+    plugin_memory_mib: usize,
+    /// Output a call may return, in KiB.
+    #[arg(long, env = "PLUGIN_OUTPUT_KIB", default_value_t = 4096)]
+    plugin_output_kib: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            deadline: Duration::from_millis(self.plugin_timeout_ms),
+            memory_bytes: self.plugin_memory_mib << 20,
+            output_bytes: self.plugin_output_kib << 10,
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -55,6 +121,34 @@ struct RunArgs {
     /// Name of this operator instance in Events (the chart sets the pod name).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Namespace whose plugin ConfigMaps (label `celeryproject.org/plugin`) are loaded:
+    /// the operator's own. Without it only the built-in plugins exist.
+    #[arg(long, env = "PLUGIN_NAMESPACE")]
+    plugin_namespace: Option<String>,
+    /// Shapers run on every Celery resource, in order, before the resource's own.
+    #[arg(long, env = "SHAPERS", value_delimiter = ',')]
+    shapers: Vec<String>,
+    /// Autoscaler of pools that scale on cpu or memory only.
+    #[arg(long, env = "DEFAULT_AUTOSCALER", default_value = "hpa")]
+    default_autoscaler: String,
+    /// Autoscaler of pools that scale on taskQueueLength: `operator` (the operator's own
+    /// queue-length scaler), `keda`, or a plugin.
+    #[arg(long, env = "DEFAULT_QUEUE_AUTOSCALER", default_value = shape::OPERATOR_AUTOSCALER)]
+    default_queue_autoscaler: String,
+    /// Scaling-decision plugin of the operator's own scaler.
+    #[arg(long, env = "DEFAULT_SCALER", default_value = "queue-length")]
+    default_scaler: String,
+    /// What a failing shaper does.
+    #[arg(long, env = "SHAPER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Fail)]
+    shaper_failure_policy: FailurePolicy,
+    /// What a failing autoscaler plugin does.
+    #[arg(long, env = "AUTOSCALER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::KeepLastGood)]
+    autoscaler_failure_policy: FailurePolicy,
+    /// What a failing scaling-decision plugin does.
+    #[arg(long, env = "SCALER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::KeepLastGood)]
+    scaler_failure_policy: FailurePolicy,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -69,6 +163,7 @@ fn main() -> ExitCode {
         Command::Crd => print_crd(),
         Command::Render { files } => render_files(&files),
         Command::Run(args) => run(args),
+        Command::Plugin(command) => plugin(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,6 +193,47 @@ fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+}
+
+fn plugin(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Check { file } => {
+            let report = plugin_cli::check(&read(&file)?)
+                .with_context(|| format!("{} is not a usable plugin", file.display()))?;
+            println!("file:            {}\n{report}", file.display());
+        }
+        PluginCommand::Run {
+            file,
+            world,
+            input,
+            limits,
+        } => {
+            let role = plugin_cli::role_of_world(&world).with_context(|| {
+                format!(
+                    "unknown world {world:?}: use shaper-plugin, autoscaler-plugin or scaler-plugin"
+                )
+            })?;
+            let input = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let (output, took) = plugin_cli::run(&read(&file)?, role, &input, limits.limits())?;
+            println!("{}", serde_json::to_string_pretty(&output)?);
+            eprintln!("call took {:.1} µs", took.as_secs_f64() * 1e6);
+        }
+        PluginCommand::Pack {
+            file,
+            name,
+            namespace,
+        } => {
+            let yaml = plugin_cli::pack(&read(&file)?, &name, namespace.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            print!("{yaml}");
+        }
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&args.log_level))?;
@@ -113,13 +249,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let metrics = Arc::new(Metrics::default());
         let ready = Arc::new(AtomicBool::new(false));
         let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), ready.clone()));
-        let ctx = Arc::new(reconcile::Context::new(
-            client.clone(),
-            metrics,
-            args.instance,
-        ));
+        let runtime = Arc::new(Runtime::new(args.limits.limits()));
+        let registry = Arc::new(Registry::with_builtins(runtime)?);
+        let config = PluginConfig {
+            cluster_shapers: args
+                .shapers
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|name| PluginRef { name: name.clone(), digest: None })
+                .collect(),
+            default_autoscaler: args.default_autoscaler,
+            default_queue_autoscaler: args.default_queue_autoscaler,
+            default_scaler: args.default_scaler,
+            shaper_failure: args.shaper_failure_policy,
+            autoscaler_failure: args.autoscaler_failure_policy,
+            scaler_failure: args.scaler_failure_policy,
+        };
+        let plugins = Arc::new(Plugins::new(registry, config));
+        let ctx = Arc::new(reconcile::Context::new(client.clone(), metrics, plugins, args.instance));
         tokio::select! {
-            () = reconcile::run(client, args.namespace, ctx, ready) => Ok(()),
+            () = reconcile::run(client, args.namespace, args.plugin_namespace, ctx, ready) => Ok(()),
             served = server => Err(anyhow::anyhow!("HTTP server stopped: {:?}", served?)),
         }
     })

@@ -22,6 +22,13 @@ pub struct WriteLabels {
     pub operation: &'static str,
 }
 
+/// Result of loading a plugin from a ConfigMap.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLoadLabels {
+    /// `loaded` (now in use) or `refused` (the previous build stays).
+    pub result: &'static str,
+}
+
 /// The operator's metrics and the registry that serves them.
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +38,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// Write requests to child objects (a no-op reconcile adds none).
     pub child_writes: Family<WriteLabels, Counter>,
+    /// Plugin builds loaded from ConfigMaps, by result.
+    pub plugin_loads: Family<PluginLoadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -54,11 +63,18 @@ impl Default for Metrics {
             "Write requests sent for child objects",
             child_writes.clone(),
         );
+        let plugin_loads = Family::<PluginLoadLabels, Counter>::default();
+        registry.register(
+            "plugin_loads",
+            "Plugin builds loaded from ConfigMaps, by result",
+            plugin_loads.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             reconcile_duration,
             child_writes,
+            plugin_loads,
         }
     }
 }

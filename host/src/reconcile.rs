@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -24,6 +25,8 @@ use crate::build::{self, MANAGER, labels};
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
 use crate::metrics::{Metrics, ReconcileLabels, WriteLabels};
+use crate::plugin::configmap;
+use crate::shape::{self, Plugins};
 use crate::status::{self, DEGRADED, READY};
 use crate::validate::validate;
 
@@ -38,6 +41,9 @@ pub enum Error {
     /// A request to the Kubernetes API failed.
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
+    /// A plugin failed and its failure policy is `fail`.
+    #[error("{0}")]
+    Plugin(#[from] shape::ShapeError),
     /// The object lacks metadata the API server always sets.
     #[error("Celery resource has no {0}")]
     MissingMetadata(&'static str),
@@ -51,11 +57,18 @@ pub struct Context {
     pub reporter: Reporter,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// The plugins and the cluster's choices of them.
+    pub plugins: Arc<Plugins>,
 }
 
 impl Context {
     /// A context whose Events are reported as coming from `instance` (the pod name).
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        plugins: Arc<Plugins>,
+        instance: Option<String>,
+    ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance,
@@ -64,6 +77,7 @@ impl Context {
             reporter,
             client,
             metrics,
+            plugins,
         }
     }
 }
@@ -97,7 +111,7 @@ enum Reconciled {
     Applied,
 }
 
-async fn reconcile_stages(celery: &Celery, ctx: &Context) -> Result<Reconciled, Error> {
+async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Context) -> Result<Reconciled, Error> {
     let ns = celery
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
@@ -128,45 +142,113 @@ async fn reconcile_stages(celery: &Celery, ctx: &Context) -> Result<Reconciled, 
     }
 
     // Stage 2: build the desired children (pure).
-    let desired = build::desired_children(celery);
+    let built = build::desired_children(celery);
 
-    // Stage 3: observe the live children, apply what drifted, prune what is stale.
+    // Stage 3: shape them with the plugins. Each call is bounded, but may take up to its
+    // deadline, so it runs off the async workers.
+    let (plugins, owned) = (ctx.plugins.clone(), celery.clone());
+    let shaped = tokio::task::spawn_blocking(move || shape::shape(&plugins, &owned, built))
+        .await
+        .expect("shaping does not panic");
+
+    // Stage 4: observe the live children, apply what drifted, prune what is stale.
     let live = apply::list_children(&ctx.client, &ns, &name).await?;
     let on_write = |kind: ChildKind, operation| {
-        ctx.metrics
-            .child_writes
-            .get_or_create(&WriteLabels {
-                kind: kind.kind(),
-                operation,
-            })
-            .inc();
+        let labels = WriteLabels {
+            kind: kind.kind(),
+            operation,
+        };
+        ctx.metrics.child_writes.get_or_create(&labels).inc();
     };
-    let applied = apply::apply_children(&ctx.client, &ns, &uid, &desired, live, on_write).await;
+    let mut outcome = status::Outcome::default();
+    let mut retry = None;
+    let mut applied = match &shaped {
+        Ok(shaped) if !shaped.hold => {
+            apply::apply_children(
+                &ctx.client,
+                &ns,
+                &uid,
+                &shaped.children,
+                live,
+                &shaped.kept_pools,
+                on_write,
+            )
+            .await
+        }
+        // Nothing is applied: what runs stays as it is.
+        _ => Applied {
+            current: live,
+            ..Default::default()
+        },
+    };
+    match shaped {
+        Ok(shaped) => {
+            outcome.plugins = shaped.uses;
+            outcome.plugin_problems = shaped.problems;
+        }
+        Err(e @ shape::ShapeError::Rejected { .. }) => {
+            outcome.failure = Some(("ShapingRejected", e.to_string()));
+        }
+        Err(e @ shape::ShapeError::Failed { .. }) => {
+            outcome.failure = Some(("PluginFailed", e.to_string()));
+            retry = Some(Error::Plugin(e));
+        }
+    }
+    outcome
+        .plugin_problems
+        .extend(refused_updates(ctx, celery, &outcome.plugins));
+    if let Some(e) = applied.error.take() {
+        outcome.failure = Some(("ApplyFailed", e.to_string()));
+        retry = Some(e.into());
+    }
+    outcome.changed = applied.changed();
+    outcome.deployments = applied
+        .current
+        .iter()
+        .filter(|((kind, _), _)| *kind == ChildKind::Deployment)
+        .filter_map(|((_, name), obj)| {
+            Some((name.clone(), obj.clone().try_parse::<Deployment>().ok()?))
+        })
+        .collect();
 
-    // Stage 4: status and Events.
-    let outcome = status::Outcome {
-        deployments: applied
-            .current
-            .iter()
-            .filter(|((kind, _), _)| *kind == ChildKind::Deployment)
-            .filter_map(|((_, name), obj)| {
-                Some((name.clone(), obj.clone().try_parse::<Deployment>().ok()?))
-            })
-            .collect(),
-        changed: applied.changed(),
-        apply_error: applied.error.as_ref().map(ToString::to_string),
-    };
+    // Stage 5: status and Events.
     let new_status = status::compute(celery, &outcome, &now);
     let became_ready = is_true(Some(&new_status)) && !is_true(celery.status.as_ref());
-    let new_failure = outcome.apply_error.is_some()
-        && status::find(celery.status.as_ref(), DEGRADED)
-            != status::find(Some(&new_status), DEGRADED);
+    let degraded_changed = status::find(celery.status.as_ref(), DEGRADED)
+        .map(|c| (&c.reason, &c.message))
+        != status::find(Some(&new_status), DEGRADED).map(|c| (&c.reason, &c.message));
+    let new_failure = outcome.failure.filter(|_| degraded_changed);
     write_status(&api, celery, new_status).await?;
     report(ctx, celery, &applied, became_ready, new_failure).await;
-    match applied.error {
-        Some(e) => Err(e.into()),
+    match retry {
+        Some(e) => Err(e),
         None => Ok(Reconciled::Applied),
     }
+}
+
+/// Refused updates of the plugins a resource uses: the old build keeps running, and the
+/// resource's status says so.
+fn refused_updates(ctx: &Context, celery: &Celery, uses: &[crate::crd::PluginUse]) -> Vec<String> {
+    let mut names: Vec<String> = uses.iter().map(|u| u.name.clone()).collect();
+    names.extend(
+        celery
+            .spec
+            .workers
+            .iter()
+            .filter_map(|p| Some(shape::autoscaler_of(&ctx.plugins.config, p)?.name)),
+    );
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .filter_map(|name| {
+            let r = ctx.plugins.registry.rejection(name)?;
+            Some(format!(
+                "the new build {} of plugin {name} from {} was refused ({}); the previous build keeps running",
+                r.digest, r.source, r.error
+            ))
+        })
+        .collect()
 }
 
 fn is_true(status: Option<&CeleryStatus>) -> bool {
@@ -207,7 +289,7 @@ async fn report(
     celery: &Celery,
     applied: &Applied,
     became_ready: bool,
-    new_failure: bool,
+    new_failure: Option<(&'static str, String)>,
 ) {
     let (ns, name) = (celery.namespace().unwrap_or_default(), celery.name_any());
     for (what, reason, items) in [
@@ -221,30 +303,21 @@ async fn report(
             publish(ctx, celery, EventType::Normal, reason, "Reconcile", note).await;
         }
     }
-    if let Some(e) = &applied.error {
-        warn!(%ns, %name, error = %e, "applying children failed");
-    }
-    if let Some(e) = applied.error.as_ref().filter(|_| new_failure) {
+    if let Some((reason, message)) = new_failure {
+        warn!(%ns, %name, %reason, %message, "reconcile failed");
         publish(
             ctx,
             celery,
             EventType::Warning,
-            "ApplyFailed",
+            reason,
             "Reconcile",
-            e.to_string(),
+            message,
         )
         .await;
     }
     if became_ready {
-        publish(
-            ctx,
-            celery,
-            EventType::Normal,
-            "Ready",
-            "Reconcile",
-            "Every component has all its pods ready".into(),
-        )
-        .await;
+        let note = "Every component has all its pods ready".to_string();
+        publish(ctx, celery, EventType::Normal, "Ready", "Reconcile", note).await;
     }
 }
 
@@ -288,10 +361,12 @@ pub fn error_policy(celery: Arc<Celery>, error: &Error, _ctx: Arc<Context>) -> A
 
 /// Runs the controller until SIGTERM or SIGINT. Watches Celery resources (in `namespace`, or
 /// all namespaces) and the children the operator manages, so a changed or deleted child is
-/// repaired.
+/// repaired; and, when `plugin_namespace` is set, the plugin ConfigMaps there, reconciling
+/// every resource again when a plugin changes.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    plugin_namespace: Option<String>,
     ctx: Arc<Context>,
     ready: Arc<AtomicBool>,
 ) {
@@ -306,6 +381,34 @@ pub async fn run(
     }
     let celeries: Api<Celery> = api(&client, &namespace);
     wait_for_crd(&celeries).await;
+
+    let (plugins_changed, reconcile_all) = futures::channel::mpsc::unbounded::<()>();
+    match plugin_namespace {
+        Some(plugin_ns) => {
+            let (listed, initial_list) = tokio::sync::oneshot::channel();
+            tokio::spawn(configmap::watch(
+                client.clone(),
+                plugin_ns.clone(),
+                ctx.plugins.registry.clone(),
+                ctx.metrics.clone(),
+                ctx.reporter.clone(),
+                move || {
+                    let _ = plugins_changed.unbounded_send(());
+                },
+                move || {
+                    let _ = listed.send(());
+                },
+            ));
+            // The plugins resources ask for should be loaded before the first reconcile.
+            match tokio::time::timeout(Duration::from_secs(30), initial_list).await {
+                Ok(_) => info!(namespace = %plugin_ns, "plugin ConfigMaps loaded"),
+                Err(_) => {
+                    warn!(namespace = %plugin_ns, "plugin ConfigMaps not listed within 30 s; starting anyway")
+                }
+            }
+        }
+        None => info!("no plugin namespace set: plugins come from the built-ins only"),
+    }
     ready.store(true, Ordering::Relaxed);
 
     let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
@@ -313,7 +416,12 @@ pub async fn run(
         .owns(api::<Deployment>(&client, &namespace), owned.clone())
         .owns(api::<Service>(&client, &namespace), owned.clone())
         .owns(api::<Ingress>(&client, &namespace), owned.clone())
-        .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+        .owns(
+            api::<PodDisruptionBudget>(&client, &namespace),
+            owned.clone(),
+        )
+        .owns(api::<HorizontalPodAutoscaler>(&client, &namespace), owned)
+        .reconcile_all_on(reconcile_all)
         // A rollout changes a Deployment's status many times a second; one reconcile for
         // the burst is enough.
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))

@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::build::{beat_name, flower_name, worker_name};
-use crate::crd::{Celery, CeleryStatus, ComponentStatus, PoolStatus};
+use crate::crd::{Celery, CeleryStatus, ComponentStatus, PluginUse, PoolStatus};
 
 /// Condition type: every component has all its pods ready.
 pub const READY: &str = "Ready";
@@ -17,15 +17,23 @@ pub const PROGRESSING: &str = "Progressing";
 /// failed rollout).
 pub const DEGRADED: &str = "Degraded";
 
-/// What the apply stage did, as the status needs it.
+/// Condition type: every plugin this resource uses works.
+pub const PLUGINS_HEALTHY: &str = "PluginsHealthy";
+
+/// What the shape and apply stages did, as the status needs it.
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// The Deployments as they are now, by name (live, or as returned by the apply).
     pub deployments: BTreeMap<String, Deployment>,
     /// Whether this reconcile wrote any child.
     pub changed: bool,
-    /// Why applying failed, if it did (already free of secrets).
-    pub apply_error: Option<String>,
+    /// Why nothing (more) could be applied, if so: a reason (`ApplyFailed`,
+    /// `PluginFailed`, `ShapingRejected`) and a message (already free of secrets).
+    pub failure: Option<(&'static str, String)>,
+    /// The plugins that ran.
+    pub plugins: Vec<PluginUse>,
+    /// Plugin failures absorbed by a failure policy, and refused plugin updates.
+    pub plugin_problems: Vec<String>,
 }
 
 /// The status after a reconcile that got as far as applying.
@@ -101,19 +109,19 @@ pub fn compute(celery: &Celery, outcome: &Outcome, now: &Time) -> CeleryStatus {
         condition(old, type_, ok, reason, message, generation, now)
     };
     let conditions = vec![
-        if waiting.is_empty() && outcome.apply_error.is_none() {
+        if let Some((reason, _)) = &outcome.failure {
+            cond(
+                READY,
+                false,
+                reason,
+                "the desired objects could not be applied; see Degraded".into(),
+            )
+        } else if waiting.is_empty() {
             cond(
                 READY,
                 true,
                 "AllReady",
                 "every component has all its pods ready".into(),
-            )
-        } else if outcome.apply_error.is_some() {
-            cond(
-                READY,
-                false,
-                "ApplyFailed",
-                "the desired objects could not be applied".into(),
             )
         } else {
             cond(READY, false, "NotReady", waiting.join("; "))
@@ -133,12 +141,27 @@ pub fn compute(celery: &Celery, outcome: &Outcome, now: &Time) -> CeleryStatus {
                 "every component matches the spec".into(),
             )
         },
-        if let Some(err) = &outcome.apply_error {
-            cond(DEGRADED, true, "ApplyFailed", err.clone())
+        if let Some((reason, message)) = &outcome.failure {
+            cond(DEGRADED, true, reason, message.clone())
         } else if !failed.is_empty() {
             cond(DEGRADED, true, "RolloutFailed", failed.join("; "))
         } else {
             cond(DEGRADED, false, "AsExpected", "no problems".into())
+        },
+        if outcome.plugin_problems.is_empty() {
+            cond(
+                PLUGINS_HEALTHY,
+                true,
+                "AsExpected",
+                "every plugin in use works".into(),
+            )
+        } else {
+            cond(
+                PLUGINS_HEALTHY,
+                false,
+                "PluginFailed",
+                outcome.plugin_problems.join("; "),
+            )
         },
     ];
 
@@ -149,6 +172,7 @@ pub fn compute(celery: &Celery, outcome: &Outcome, now: &Time) -> CeleryStatus {
         workers,
         flower,
         beat,
+        plugins: outcome.plugins.clone(),
     }
 }
 
@@ -383,7 +407,7 @@ mod tests {
         let s = compute(
             &c,
             &Outcome {
-                apply_error: Some("forbidden".into()),
+                failure: Some(("ApplyFailed", "forbidden".into())),
                 ..Default::default()
             },
             &time(1),

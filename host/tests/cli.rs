@@ -80,7 +80,10 @@ fn crd_command_prints_the_committed_crd() {
         "/../crds/celeries.celeryproject.org.yaml"
     ))
     .unwrap();
-    assert_eq!(out.stdout, committed);
+    assert!(
+        out.stdout == committed,
+        "`crd` differs from crds/ (see crd_drift.rs)"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! assert exactly what was sent.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 
 use celery_operator::crd::Celery;
 use celery_operator::metrics::Metrics;
+use celery_operator::plugin::{Limits, Registry, Runtime};
 use celery_operator::reconcile::{Context, reconcile};
+use celery_operator::shape::{PluginConfig, Plugins};
 
 /// One request the operator sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,8 +47,19 @@ const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/apps/deployments";
 const SERVICES: &str = "/api/v1/namespaces/apps/services";
 const INGRESSES: &str = "/apis/networking.k8s.io/v1/namespaces/apps/ingresses";
 const PDBS: &str = "/apis/policy/v1/namespaces/apps/poddisruptionbudgets";
+const HPAS: &str = "/apis/autoscaling/v2/namespaces/apps/horizontalpodautoscalers";
+const SCALED_OBJECTS: &str = "/apis/keda.sh/v1alpha1/namespaces/apps/scaledobjects";
+const TRIGGER_AUTHS: &str = "/apis/keda.sh/v1alpha1/namespaces/apps/triggerauthentications";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
-const LISTS: [&str; 4] = [DEPLOYMENTS, SERVICES, INGRESSES, PDBS];
+const LISTS: [&str; 7] = [
+    DEPLOYMENTS,
+    SERVICES,
+    INGRESSES,
+    PDBS,
+    HPAS,
+    SCALED_OBJECTS,
+    TRIGGER_AUTHS,
+];
 
 impl FakeApi {
     fn start() -> (FakeApi, Client) {
@@ -254,10 +267,23 @@ fn celery_object(spec_yaml: &str, generation: i64) -> Value {
     })
 }
 
+/// The built-in plugins, compiled once for all tests.
+fn plugins() -> Arc<Plugins> {
+    static REGISTRY: LazyLock<Arc<Registry>> = LazyLock::new(|| {
+        Arc::new(Registry::with_builtins(Arc::new(Runtime::new(Limits::default()))).unwrap())
+    });
+    Arc::new(Plugins::new(REGISTRY.clone(), PluginConfig::default()))
+}
+
 async fn setup(spec_yaml: &str) -> (FakeApi, Arc<Context>) {
     let (fake, client) = FakeApi::start();
     fake.put(CELERIES, celery_object(spec_yaml, 1));
-    let ctx = Arc::new(Context::new(client, Arc::new(Metrics::default()), None));
+    let ctx = Arc::new(Context::new(
+        client,
+        Arc::new(Metrics::default()),
+        plugins(),
+        None,
+    ));
     (fake, ctx)
 }
 
@@ -318,7 +344,7 @@ async fn create_applies_every_child_then_status_and_one_event() {
     let action = reconcile_once(&fake, &ctx).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     let sent = fake.take_sent();
-    assert_eq!(sent[..4], lists()[..], "the live children are read first");
+    assert_eq!(sent[..7], lists()[..], "the live children are read first");
     assert_eq!(
         writes(&sent),
         vec![
@@ -328,6 +354,7 @@ async fn create_applies_every_child_then_status_and_one_event() {
             patch(DEPLOYMENTS, "demo-flower"),
             patch(SERVICES, "demo-flower"),
             patch(DEPLOYMENTS, "demo-beat"),
+            patch(HPAS, "demo-worker-heavy"),
             patch(CELERIES, "demo/status"),
             (Method::POST, EVENTS.into()),
         ]

@@ -122,6 +122,29 @@ fn child_meta(celery: &Celery, name: String, component: &str, pool: Option<&str>
     }
 }
 
+/// Component label of the objects autoscaler plugins return.
+pub const AUTOSCALER_COMPONENT: &str = "autoscaler";
+
+/// Makes an object a plugin returned for `pool` one of ours: in the resource's namespace,
+/// with our labels and the controller owner reference (so it is pruned and deleted with
+/// the resource).
+pub fn adopt(celery: &Celery, pool: &str, object: &mut serde_json::Value) {
+    let meta = &mut object["metadata"];
+    meta["namespace"] = serde_json::json!(celery.namespace());
+    let mut labels: BTreeMap<String, String> =
+        serde_json::from_value(meta["labels"].take()).unwrap_or_default();
+    labels.extend(object_labels(celery, AUTOSCALER_COMPONENT, Some(pool)));
+    meta["labels"] = serde_json::json!(labels);
+    match owner_reference(celery) {
+        Some(owner) => meta["ownerReferences"] = serde_json::json!([owner]),
+        None => {
+            if let Some(m) = meta.as_object_mut() {
+                m.remove("ownerReferences");
+            }
+        }
+    }
+}
+
 fn owner_reference(celery: &Celery) -> Option<OwnerReference> {
     celery.controller_owner_ref(&())
 }

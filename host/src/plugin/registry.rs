@@ -1,0 +1,252 @@
+//! The plugins a cluster has, by name: the built-ins embedded in the binary, and those
+//! loaded from ConfigMaps, which may replace a built-in of the same name. A new build of a
+//! plugin replaces the running one only once it is compiled and checked; a broken one is
+//! recorded and the working one stays.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use super::{Plugin, PluginError, Role, Runtime, builtin};
+
+/// Builds of one plugin kept for digest pins (the newest last).
+const KEPT_BUILDS: usize = 8;
+
+/// A plugin wanted by name, optionally pinned to a digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginRef {
+    /// Plugin name.
+    pub name: String,
+    /// `sha256:<hex>` to pin one build.
+    pub digest: Option<String>,
+}
+
+/// Where a plugin came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Embedded in the operator binary.
+    Builtin,
+    /// A ConfigMap, as `namespace/name`.
+    ConfigMap(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Builtin => f.write_str("builtin"),
+            Source::ConfigMap(name) => write!(f, "configmap {name}"),
+        }
+    }
+}
+
+/// A plugin found by name.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Its name.
+    pub name: String,
+    /// The compiled build.
+    pub plugin: Arc<Plugin>,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// A build that was refused.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// Its digest.
+    pub digest: String,
+    /// Where it came from.
+    pub source: Source,
+    /// Why it was refused.
+    pub error: PluginError,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// The build in use.
+    current: Option<(Arc<Plugin>, Source)>,
+    /// Every good build seen, for pins; the newest last.
+    builds: Vec<Arc<Plugin>>,
+    /// The last refused build, until a good one replaces it.
+    rejected: Option<Rejection>,
+}
+
+/// The named plugins.
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    builtins: BTreeMap<String, Arc<Plugin>>,
+    entries: RwLock<BTreeMap<String, Entry>>,
+}
+
+impl Registry {
+    /// A registry with the built-in plugins compiled and installed.
+    pub fn with_builtins(runtime: Arc<Runtime>) -> Result<Self, PluginError> {
+        let mut builtins = BTreeMap::new();
+        let mut entries = BTreeMap::new();
+        for (name, bytes) in builtin::ALL {
+            let plugin = runtime.load(bytes).map_err(|e| {
+                PluginError::Invalid(format!("built-in plugin {name} does not load: {e}"))
+            })?;
+            builtins.insert(name.to_string(), plugin.clone());
+            entries.insert(
+                name.to_string(),
+                Entry {
+                    current: Some((plugin.clone(), Source::Builtin)),
+                    builds: vec![plugin],
+                    rejected: None,
+                },
+            );
+        }
+        Ok(Registry {
+            runtime,
+            builtins,
+            entries: RwLock::new(entries),
+        })
+    }
+
+    /// The sandbox that runs the plugins.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Compiles and checks a new build of `name`; it replaces the running one only if it is
+    /// good and implements at least the roles of the one it replaces. A refused build is
+    /// recorded (see [`Registry::rejection`]) and the running one stays.
+    pub fn install(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        source: Source,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let checked = self.runtime.load(bytes).and_then(|plugin| {
+            let entries = self.entries.read().expect("registry lock");
+            let current = entries.get(name).and_then(|e| e.current.as_ref());
+            match current {
+                Some((old, _)) if !old.roles.iter().all(|r| plugin.roles.contains(r)) => {
+                    Err(PluginError::Invalid(format!(
+                        "it implements {:?} but the plugin it would replace implements {:?}",
+                        plugin.roles, old.roles
+                    )))
+                }
+                _ => Ok(plugin),
+            }
+        });
+        let mut entries = self.entries.write().expect("registry lock");
+        let entry = entries.entry(name.to_string()).or_default();
+        match checked {
+            Ok(plugin) => {
+                entry.current = Some((plugin.clone(), source));
+                entry.builds.retain(|b| b.digest != plugin.digest);
+                entry.builds.push(plugin.clone());
+                if entry.builds.len() > KEPT_BUILDS {
+                    entry.builds.remove(0);
+                }
+                entry.rejected = None;
+                Ok(plugin)
+            }
+            Err(error) => {
+                entry.rejected = Some(Rejection {
+                    digest: Runtime::digest(bytes),
+                    source,
+                    error: error.clone(),
+                });
+                Err(error)
+            }
+        }
+    }
+
+    /// Forgets the plugin a ConfigMap provided (the ConfigMap was deleted): a built-in of
+    /// the same name takes over again.
+    pub fn remove(&self, name: &str, source: &Source) {
+        let mut entries = self.entries.write().expect("registry lock");
+        let Some(entry) = entries.get_mut(name) else {
+            return;
+        };
+        if entry.current.as_ref().is_some_and(|(_, s)| s == source) {
+            entry.current = self
+                .builtins
+                .get(name)
+                .map(|p| (p.clone(), Source::Builtin));
+        }
+        if entry.rejected.as_ref().is_some_and(|r| &r.source == source) {
+            entry.rejected = None;
+        }
+        if entry.current.is_none() {
+            entries.remove(name);
+        }
+    }
+
+    /// The build to use for `wanted` in `role`.
+    pub fn resolve(&self, role: Role, wanted: &PluginRef) -> Result<Resolved, PluginError> {
+        let entries = self.entries.read().expect("registry lock");
+        let entry = entries
+            .get(&wanted.name)
+            .filter(|e| e.current.is_some())
+            .ok_or_else(|| {
+                PluginError::NotFound(format!(
+                    "no plugin named {:?} is loaded (known: {})",
+                    wanted.name,
+                    entries.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+        let (current, source) = entry.current.clone().expect("filtered above");
+        let plugin = match &wanted.digest {
+            None => current,
+            Some(digest) => entry
+                .builds
+                .iter()
+                .find(|b| &b.digest == digest)
+                .cloned()
+                .ok_or_else(|| {
+                    PluginError::NotFound(format!(
+                        "plugin {:?} is pinned to {digest}, which is not loaded (running: {})",
+                        wanted.name, current.digest
+                    ))
+                })?,
+        };
+        if !plugin.roles.contains(&role) {
+            return Err(PluginError::WrongRole {
+                role,
+                roles: plugin.roles.clone(),
+            });
+        }
+        Ok(Resolved {
+            name: wanted.name.clone(),
+            plugin,
+            source,
+        })
+    }
+
+    /// The built-in plugin called `name`.
+    pub fn builtin(&self, name: &str) -> Option<Resolved> {
+        self.builtins.get(name).map(|p| Resolved {
+            name: name.into(),
+            plugin: p.clone(),
+            source: Source::Builtin,
+        })
+    }
+
+    /// Digest and source of the build of `name` in use.
+    pub fn current(&self, name: &str) -> Option<(String, Source)> {
+        let entries = self.entries.read().expect("registry lock");
+        let (plugin, source) = entries.get(name)?.current.as_ref()?;
+        Some((plugin.digest.clone(), source.clone()))
+    }
+
+    /// The last refused build of `name`, while the running one is older than it.
+    pub fn rejection(&self, name: &str) -> Option<Rejection> {
+        let entries = self.entries.read().expect("registry lock");
+        entries.get(name)?.rejected.clone()
+    }
+
+    /// Name, digest and source of every plugin in use.
+    pub fn list(&self) -> Vec<(String, String, Source)> {
+        let entries = self.entries.read().expect("registry lock");
+        entries
+            .iter()
+            .filter_map(|(name, e)| {
+                let (p, s) = e.current.as_ref()?;
+                Some((name.clone(), p.digest.clone(), s.clone()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,436 @@
+//! Stage 3 of reconciliation: plugins turn the built objects into the objects to apply.
+//! Autoscaler plugins add the objects that scale each autoscaled pool; the shaping chain
+//! (cluster-wide shapers, then the resource's own) may adjust or drop objects, or reject the
+//! whole set. A plugin that fails is handled by its role's [`FailurePolicy`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube::ResourceExt;
+use serde_json::Value;
+
+use crate::build::{self, labels};
+use crate::children::{Child, ChildKind};
+use crate::crd::{self, Celery, MetricName, PluginUse, WorkerPool};
+use crate::plugin::bindings::{autoscaler::PoolInput, shaper::ShapeInput};
+use crate::plugin::{FailurePolicy, PluginError, PluginRef, Registry, Resolved, Role};
+
+/// The autoscaler name meaning "no objects: the operator's own scaler loop scales".
+pub const OPERATOR_AUTOSCALER: &str = "operator";
+
+/// The cluster's plugin choices (flags of `celery-operator run`; the Helm chart sets them).
+#[derive(Clone, Debug)]
+pub struct PluginConfig {
+    /// Shapers run on every resource, before the resource's own.
+    pub cluster_shapers: Vec<PluginRef>,
+    /// Autoscaler of pools whose metrics are all cpu or memory.
+    pub default_autoscaler: String,
+    /// Autoscaler of pools that scale on taskQueueLength.
+    pub default_queue_autoscaler: String,
+    /// Scaling-decision plugin of the operator's own scaler.
+    pub default_scaler: String,
+    /// What a shaper failure does.
+    pub shaper_failure: FailurePolicy,
+    /// What an autoscaler plugin failure does.
+    pub autoscaler_failure: FailurePolicy,
+    /// What a scaling-decision plugin failure does.
+    pub scaler_failure: FailurePolicy,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        PluginConfig {
+            cluster_shapers: Vec::new(),
+            default_autoscaler: "hpa".into(),
+            default_queue_autoscaler: OPERATOR_AUTOSCALER.into(),
+            default_scaler: "queue-length".into(),
+            shaper_failure: FailurePolicy::Fail,
+            autoscaler_failure: FailurePolicy::KeepLastGood,
+            scaler_failure: FailurePolicy::KeepLastGood,
+        }
+    }
+}
+
+/// Plugins as reconciliation uses them.
+pub struct Plugins {
+    /// The named plugins.
+    pub registry: Arc<Registry>,
+    /// The cluster's choices.
+    pub config: PluginConfig,
+    /// Last good autoscaler objects per resource uid and pool, for `keep-last-good`.
+    last_good: Mutex<HashMap<(String, String), Vec<Child>>>,
+}
+
+impl Plugins {
+    /// Plugins from a registry and the cluster's choices.
+    pub fn new(registry: Arc<Registry>, config: PluginConfig) -> Self {
+        Plugins {
+            registry,
+            config,
+            last_good: Mutex::default(),
+        }
+    }
+}
+
+/// The objects to apply, and what the plugins did.
+#[derive(Debug, Default)]
+pub struct Shaped {
+    /// The objects to apply.
+    pub children: Vec<Child>,
+    /// Every plugin that ran, for the status.
+    pub uses: Vec<PluginUse>,
+    /// Plugin failures the failure policy absorbed, in words.
+    pub problems: Vec<String>,
+    /// Pools whose autoscaler failed with nothing to fall back on: their live autoscaler
+    /// objects are kept as they are.
+    pub kept_pools: Vec<String>,
+    /// A shaper failed under `keep-last-good`: apply and prune nothing, keep what runs.
+    pub hold: bool,
+}
+
+/// Why nothing can be applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShapeError {
+    /// A shaper rejected the objects: a policy decision, not a failure.
+    #[error("shaper {plugin} rejected the objects: {message}")]
+    Rejected {
+        /// The shaper.
+        plugin: String,
+        /// Its reason.
+        message: String,
+    },
+    /// A plugin failed and its policy is `fail` (or the fallback failed too).
+    #[error("{role} plugin {plugin} failed: {error}")]
+    Failed {
+        /// The role.
+        role: Role,
+        /// The plugin.
+        plugin: String,
+        /// What went wrong.
+        error: PluginError,
+    },
+}
+
+/// Runs the autoscaler plugins and the shaping chain on the built objects.
+pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Shaped, ShapeError> {
+    let mut shaped = Shaped {
+        children: built,
+        ..Default::default()
+    };
+    let celery_json = serde_json::to_string(celery).expect("a Celery resource serializes");
+    for pool in &celery.spec.workers {
+        add_autoscaler_objects(plugins, celery, &celery_json, pool, &mut shaped)?;
+    }
+    let chain = plugins.config.cluster_shapers.iter().cloned().chain(
+        celery
+            .spec
+            .plugins
+            .iter()
+            .flat_map(|p| &p.shapers)
+            .map(to_ref),
+    );
+    let settings_of = |name: &str| {
+        celery
+            .spec
+            .plugins
+            .iter()
+            .flat_map(|p| &p.shapers)
+            .find(|s| s.name == name)
+            .and_then(|s| s.settings.clone())
+            .unwrap_or_else(|| Value::Object(Default::default()))
+    };
+    for wanted in chain {
+        let settings = settings_of(&wanted.name);
+        let result = plugins
+            .registry
+            .resolve(Role::Shaper, &wanted)
+            .and_then(|r| {
+                run_shaper(
+                    &plugins.registry,
+                    &r,
+                    &celery_json,
+                    &settings,
+                    &shaped.children,
+                )
+                .map(|c| (r, c))
+            });
+        match result {
+            Ok((resolved, children)) => {
+                shaped
+                    .uses
+                    .push(usage(Role::Shaper, "shaping", &resolved, None));
+                shaped.children = children;
+            }
+            Err(PluginError::Rejected(message)) => {
+                return Err(ShapeError::Rejected {
+                    plugin: wanted.name,
+                    message,
+                });
+            }
+            Err(error) => match plugins.config.shaper_failure {
+                FailurePolicy::Fail => {
+                    return Err(ShapeError::Failed {
+                        role: Role::Shaper,
+                        plugin: wanted.name,
+                        error,
+                    });
+                }
+                FailurePolicy::Builtin => {
+                    shaped.problems.push(format!(
+                        "shaper {} failed ({error}); its objects were applied unshaped by it",
+                        wanted.name
+                    ));
+                }
+                FailurePolicy::KeepLastGood => {
+                    shaped.problems.push(format!(
+                        "shaper {} failed ({error}); nothing is applied, what runs is kept",
+                        wanted.name
+                    ));
+                    shaped.hold = true;
+                    return Ok(shaped);
+                }
+            },
+        }
+    }
+    Ok(shaped)
+}
+
+fn to_ref(p: &crd::PluginRef) -> PluginRef {
+    PluginRef {
+        name: p.name.clone(),
+        digest: p.digest.clone(),
+    }
+}
+
+fn usage(role: Role, target: &str, r: &Resolved, fallback: Option<String>) -> PluginUse {
+    PluginUse {
+        role: role.to_string(),
+        target: target.into(),
+        name: r.name.clone(),
+        digest: r.plugin.digest.clone(),
+        source: r.source.to_string(),
+        fallback,
+    }
+}
+
+/// The autoscaler a pool uses: its own choice, or the cluster default for its metrics.
+pub fn autoscaler_of(config: &PluginConfig, pool: &WorkerPool) -> Option<PluginRef> {
+    let autoscaling = pool.autoscaling.as_ref()?;
+    Some(match &autoscaling.autoscaler {
+        Some(r) => to_ref(r),
+        None => PluginRef {
+            name: if autoscaling
+                .metrics
+                .iter()
+                .any(|m| m.name == MetricName::TaskQueueLength)
+            {
+                config.default_queue_autoscaler.clone()
+            } else {
+                config.default_autoscaler.clone()
+            },
+            digest: None,
+        },
+    })
+}
+
+fn add_autoscaler_objects(
+    plugins: &Plugins,
+    celery: &Celery,
+    celery_json: &str,
+    pool: &WorkerPool,
+    shaped: &mut Shaped,
+) -> Result<(), ShapeError> {
+    let Some(wanted) = autoscaler_of(&plugins.config, pool) else {
+        return Ok(());
+    };
+    if wanted.name == OPERATOR_AUTOSCALER {
+        return Ok(());
+    }
+    let autoscaling = pool.autoscaling.as_ref().expect("autoscaler_of checked it");
+    let input = PoolInput {
+        celery: celery_json.into(),
+        pool: pool.name.clone(),
+        deployment: build::worker_name(celery, &pool.name),
+        autoscaling: serde_json::to_string(autoscaling).expect("serializes"),
+        queues: pool.queues.clone(),
+        settings: autoscaling
+            .autoscaler
+            .as_ref()
+            .and_then(|a| a.settings.as_ref())
+            .map_or_else(|| "{}".into(), Value::to_string),
+    };
+    let target = format!("pool {}", pool.name);
+    let key = (celery.uid().unwrap_or_default(), pool.name.clone());
+    let run = |r: &Resolved| run_autoscaler(&plugins.registry, r, celery, pool, &input);
+    let result = plugins
+        .registry
+        .resolve(Role::Autoscaler, &wanted)
+        .and_then(|r| run(&r).map(|c| (r, c)));
+    let error = match result {
+        Ok((resolved, children)) => {
+            shaped
+                .uses
+                .push(usage(Role::Autoscaler, &target, &resolved, None));
+            let mut last = plugins.last_good.lock().expect("last-good lock");
+            last.insert(key, children.clone());
+            shaped.children.extend(children);
+            return Ok(());
+        }
+        Err(error) => error,
+    };
+    let failed = |error| ShapeError::Failed {
+        role: Role::Autoscaler,
+        plugin: wanted.name.clone(),
+        error,
+    };
+    match plugins.config.autoscaler_failure {
+        FailurePolicy::Fail => Err(failed(error)),
+        FailurePolicy::KeepLastGood => {
+            let last = plugins
+                .last_good
+                .lock()
+                .expect("last-good lock")
+                .get(&key)
+                .cloned();
+            let what = match last {
+                Some(children) => {
+                    shaped.children.extend(children);
+                    "the last good objects are applied"
+                }
+                None => {
+                    shaped.kept_pools.push(pool.name.clone());
+                    "the pool's autoscaler objects are left as they are"
+                }
+            };
+            shaped.problems.push(format!(
+                "autoscaler {} failed for pool {} ({error}); {what}",
+                wanted.name, pool.name
+            ));
+            Ok(())
+        }
+        FailurePolicy::Builtin => {
+            let builtin = plugins
+                .registry
+                .builtin(&wanted.name)
+                .or_else(|| plugins.registry.builtin(&plugins.config.default_autoscaler))
+                .ok_or_else(|| failed(error.clone()))?;
+            let children = run(&builtin).map_err(failed)?;
+            shaped.problems.push(format!(
+                "autoscaler {} failed for pool {} ({error}); the built-in {} was used",
+                wanted.name, pool.name, builtin.name
+            ));
+            shaped.uses.push(usage(
+                Role::Autoscaler,
+                &target,
+                &builtin,
+                Some(format!("{} failed", wanted.name)),
+            ));
+            shaped.children.extend(children);
+            Ok(())
+        }
+    }
+}
+
+fn run_autoscaler(
+    registry: &Registry,
+    resolved: &Resolved,
+    celery: &Celery,
+    pool: &WorkerPool,
+    input: &PoolInput,
+) -> Result<Vec<Child>, PluginError> {
+    let out = registry
+        .runtime()
+        .autoscaler_objects(&resolved.plugin, input)?;
+    out.iter()
+        .map(|text| {
+            let (kind, name, mut object) = parse_object(text)?;
+            if !ChildKind::AUTOSCALER.contains(&kind) {
+                return Err(PluginError::BadOutput(format!(
+                    "an autoscaler plugin may return HorizontalPodAutoscaler, ScaledObject and \
+                     TriggerAuthentication objects, not {}",
+                    kind.kind()
+                )));
+            }
+            build::adopt(celery, &pool.name, &mut object);
+            Ok(Child { kind, name, object })
+        })
+        .collect()
+}
+
+fn run_shaper(
+    registry: &Registry,
+    resolved: &Resolved,
+    celery_json: &str,
+    settings: &Value,
+    children: &[Child],
+) -> Result<Vec<Child>, PluginError> {
+    let input = ShapeInput {
+        celery: celery_json.into(),
+        objects: children.iter().map(|c| c.object.to_string()).collect(),
+        settings: settings.to_string(),
+    };
+    let out = registry.runtime().shape(&resolved.plugin, &input)?;
+    out.iter()
+        .map(|text| {
+            let (kind, name, mut object) = parse_object(text)?;
+            let original = children
+                .iter()
+                .find(|c| c.kind == kind && c.name == name)
+                .ok_or_else(|| {
+                    PluginError::BadOutput(format!(
+                        "a shaper may change or drop objects but not add or rename them: {} {name} was not in its input",
+                        kind.kind()
+                    ))
+                })?;
+            restore_identity(&original.object, &mut object);
+            Ok(Child { kind, name, object })
+        })
+        .collect()
+}
+
+/// A shaper cannot move an object to another namespace, disown it, or break the labels the
+/// operator selects and prunes by: those are put back as they were.
+fn restore_identity(original: &Value, shaped: &mut Value) {
+    let meta = &original["metadata"];
+    shaped["metadata"]["namespace"] = meta["namespace"].clone();
+    shaped["metadata"]["ownerReferences"] = meta["ownerReferences"].clone();
+    if shaped["metadata"]["ownerReferences"].is_null()
+        && let Some(m) = shaped["metadata"].as_object_mut()
+    {
+        m.remove("ownerReferences");
+    }
+    for key in [
+        labels::NAME,
+        labels::INSTANCE,
+        labels::COMPONENT,
+        labels::MANAGED_BY,
+        labels::POOL,
+    ] {
+        let value = &meta["labels"][key];
+        if !value.is_null() {
+            shaped["metadata"]["labels"][key] = value.clone();
+        }
+    }
+}
+
+/// Parses one object a plugin returned.
+fn parse_object(text: &str) -> Result<(ChildKind, String, Value), PluginError> {
+    let object: Value =
+        serde_json::from_str(text).map_err(|e| PluginError::BadOutput(format!("not JSON: {e}")))?;
+    let field = |path: &[&str]| {
+        path.iter()
+            .try_fold(&object, |v, k| v.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| PluginError::BadOutput(format!("an object has no {}", path.join("."))))
+    };
+    let api_version = field(&["apiVersion"])?;
+    let kind_name = field(&["kind"])?;
+    let name = field(&["metadata", "name"])?;
+    let kind = ChildKind::of(&api_version, &kind_name).ok_or_else(|| {
+        PluginError::BadOutput(format!(
+            "{api_version} {kind_name} is not a kind the operator manages"
+        ))
+    })?;
+    Ok((kind, name, object))
+}

@@ -1,0 +1,667 @@
+//! The plugin runtime with real components: the default plugins through the host, hostile
+//! plugins (built from `plugins/testing/`), the failure policies, and ConfigMap swaps.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use celery_operator::children::ChildKind;
+use celery_operator::crd::{Celery, CelerySpec};
+use celery_operator::plugin::bindings::{autoscaler::PoolInput, scaler, shaper::ShapeInput};
+use celery_operator::plugin::configmap::{self, Loaded, PLUGIN_LABEL, WASM_KEY};
+use celery_operator::plugin::registry::Source;
+use celery_operator::plugin::{
+    FailurePolicy, Limits, PluginError, PluginRef, Registry, Role, Runtime, builtin,
+};
+use celery_operator::shape::{self, PluginConfig, Plugins, ShapeError};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::{Value, json};
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn runtime() -> Runtime {
+    Runtime::new(Limits {
+        deadline: Duration::from_millis(100),
+        memory_bytes: 32 << 20,
+        output_bytes: 1 << 20,
+    })
+}
+
+fn pool_input(pool: &str, autoscaling: Value, broker_type: &str) -> PoolInput {
+    PoolInput {
+        celery: json!({"metadata": {"name": "shop", "namespace": "shop"},
+                       "spec": {"broker": {"type": broker_type, "secretRef": {"name": "broker", "key": "url"}}}})
+        .to_string(),
+        pool: pool.into(),
+        deployment: format!("shop-worker-{pool}"),
+        autoscaling: autoscaling.to_string(),
+        queues: vec!["reports".into()],
+        settings: "{}".into(),
+    }
+}
+
+fn scaling_input(pool: &str, current: u32, ready: u64, reserved: u64) -> scaler::ScalingInput {
+    scaler::ScalingInput {
+        pool: pool.into(),
+        now_ms: 1_000_000,
+        current_replicas: current,
+        min_replicas: 0,
+        max_replicas: 20,
+        target_per_replica: 5.0,
+        samples: vec![scaler::Sample {
+            at_ms: 1_000_000,
+            queues: vec![scaler::QueueDepth {
+                name: "reports".into(),
+                ready,
+                reserved,
+            }],
+        }],
+        history: vec![],
+        settings: "{}".into(),
+    }
+}
+
+fn objects(out: Vec<String>) -> Vec<Value> {
+    out.iter()
+        .map(|o| serde_json::from_str(o).unwrap())
+        .collect()
+}
+
+#[test]
+fn builtins_load_with_their_roles() {
+    let rt = runtime();
+    for (name, bytes, role) in [
+        ("hpa", builtin::HPA, Role::Autoscaler),
+        ("keda", builtin::KEDA, Role::Autoscaler),
+        ("queue-length", builtin::QUEUE_LENGTH, Role::Scaler),
+        ("noop", builtin::NOOP, Role::Shaper),
+    ] {
+        let p = rt.load(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(p.roles, vec![role], "{name}");
+        assert_eq!(p.wit_version, "0.1.0");
+        assert!(p.digest.starts_with("sha256:") && p.digest.len() == 71);
+        println!("{name}: {} bytes", p.size);
+    }
+}
+
+#[test]
+fn hpa_plugin_through_the_host() {
+    let rt = runtime();
+    let p = rt.load(builtin::HPA).unwrap();
+    let autoscaling = json!({"minReplicas": 2, "maxReplicas": 9, "metrics": [
+        {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+        {"name": "memory", "target": {"type": "AverageValue", "averageValue": "1Gi"}}]});
+    let out = objects(
+        rt.autoscaler_objects(&p, &pool_input("reports", autoscaling, "redis"))
+            .unwrap(),
+    );
+    assert_eq!(out.len(), 1);
+    let hpa = &out[0];
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+    assert_eq!(hpa["kind"], "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "shop-worker-reports");
+    assert_eq!(hpa["spec"]["minReplicas"], 2);
+    assert_eq!(hpa["spec"]["maxReplicas"], 9);
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        70
+    );
+    assert_eq!(
+        hpa["spec"]["metrics"][1]["resource"]["target"]["averageValue"],
+        "1Gi"
+    );
+
+    let queue = json!({"minReplicas": 1, "maxReplicas": 9, "metrics": [
+        {"name": "taskQueueLength", "target": {"type": "AverageValue", "averageValue": "5"}}]});
+    let err = rt
+        .autoscaler_objects(&p, &pool_input("reports", queue, "redis"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Rejected(m) if m.contains("queue")),
+        "{err}"
+    );
+}
+
+#[test]
+fn keda_plugin_covers_every_priority_list() {
+    let rt = runtime();
+    let p = rt.load(builtin::KEDA).unwrap();
+    let autoscaling = json!({"minReplicas": 0, "maxReplicas": 9, "metrics": [
+        {"name": "taskQueueLength", "target": {"type": "AverageValue", "averageValue": "5"}}]});
+    let out = objects(
+        rt.autoscaler_objects(&p, &pool_input("reports", autoscaling.clone(), "redis"))
+            .unwrap(),
+    );
+    let scaled = out
+        .iter()
+        .find(|o| o["kind"] == "ScaledObject")
+        .expect("a ScaledObject");
+    let auth = out
+        .iter()
+        .find(|o| o["kind"] == "TriggerAuthentication")
+        .expect("a TriggerAuthentication");
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"],
+        "shop-worker-reports"
+    );
+    assert_eq!(scaled["spec"]["minReplicaCount"], 0);
+    let lists: Vec<_> = scaled["spec"]["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["metadata"]["listName"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        lists,
+        [
+            "reports",
+            "reports\u{6}\u{16}3",
+            "reports\u{6}\u{16}6",
+            "reports\u{6}\u{16}9"
+        ]
+    );
+    assert!(
+        auth.to_string().contains("\"broker\""),
+        "credentials come from the broker Secret: {auth}"
+    );
+
+    let out = objects(
+        rt.autoscaler_objects(&p, &pool_input("reports", autoscaling, "rabbitmq"))
+            .unwrap(),
+    );
+    let scaled = out.iter().find(|o| o["kind"] == "ScaledObject").unwrap();
+    assert_eq!(scaled["spec"]["triggers"][0]["type"], "rabbitmq");
+    assert_eq!(
+        scaled["spec"]["triggers"][0]["metadata"]["queueName"],
+        "reports"
+    );
+}
+
+#[test]
+fn queue_length_plugin_through_the_host() {
+    let rt = runtime();
+    let p = rt.load(builtin::QUEUE_LENGTH).unwrap();
+    let d = rt.decide(&p, &scaling_input("reports", 2, 30, 7)).unwrap();
+    assert_eq!((d.replicas, d.recommendation), (8, 8), "{}", d.reason);
+    assert!(d.reason.contains("37"), "{}", d.reason);
+    // Scale to zero only when both the queue and the reserved work are empty.
+    assert_eq!(
+        rt.decide(&p, &scaling_input("reports", 1, 0, 1))
+            .unwrap()
+            .replicas,
+        1
+    );
+    assert_eq!(
+        rt.decide(&p, &scaling_input("reports", 1, 0, 0))
+            .unwrap()
+            .replicas,
+        0
+    );
+}
+
+#[test]
+fn noop_shaper_returns_its_input() {
+    let rt = runtime();
+    let p = rt.load(builtin::NOOP).unwrap();
+    let objects =
+        vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}}).to_string()];
+    let input = ShapeInput {
+        celery: "{}".into(),
+        objects: objects.clone(),
+        settings: "{}".into(),
+    };
+    assert_eq!(rt.shape(&p, &input).unwrap(), objects);
+}
+
+type Expectation = dyn Fn(&PluginError) -> bool;
+type Call<'a> = dyn Fn() -> Result<(), PluginError> + 'a;
+
+/// Every hostile behaviour, in every role: a clear error, the process survives, and a good
+/// plugin still works right after.
+#[test]
+fn hostile_plugins_fail_cleanly_and_good_ones_keep_working() {
+    let rt = runtime();
+    let hostile = rt.load(&fixture("hostile")).unwrap();
+    let good = rt.load(builtin::QUEUE_LENGTH).unwrap();
+    let is_timeout = |e: &PluginError| matches!(e, PluginError::Timeout(_));
+    let is_memory = |e: &PluginError| matches!(e, PluginError::MemoryExceeded(_));
+    let is_panic = |e: &PluginError| matches!(e, PluginError::Trap { stderr, .. } if stderr.contains("hostile plugin panicked on purpose"));
+    // Rust keeps its stack in linear memory: overflowing it is an out-of-bounds access.
+    let is_stack = |e: &PluginError| {
+        matches!(e, PluginError::Trap { message, .. }
+            if message.contains("stack") || message.contains("out of bounds memory access"))
+    };
+    let is_huge = |e: &PluginError| {
+        matches!(
+            e,
+            PluginError::OutputTooLarge { .. } | PluginError::MemoryExceeded(_)
+        )
+    };
+    let cases: [(&str, &Expectation); 5] = [
+        ("loop", &is_timeout),
+        ("oom", &is_memory),
+        ("panic", &is_panic),
+        ("recurse", &is_stack),
+        ("huge", &is_huge),
+    ];
+    for (mode, expected) in cases {
+        let calls: [(Role, Box<Call>); 3] = [
+            (
+                Role::Scaler,
+                Box::new(|| rt.decide(&hostile, &scaling_input(mode, 1, 1, 0)).map(drop)),
+            ),
+            (
+                Role::Autoscaler,
+                Box::new(|| {
+                    rt.autoscaler_objects(&hostile, &pool_input(mode, json!({}), "redis"))
+                        .map(drop)
+                }),
+            ),
+            (
+                Role::Shaper,
+                Box::new(|| {
+                    let input = ShapeInput {
+                        celery: "{}".into(),
+                        objects: vec![],
+                        settings: json!({"mode": mode}).to_string(),
+                    };
+                    rt.shape(&hostile, &input).map(drop)
+                }),
+            ),
+        ];
+        for (role, call) in calls {
+            let start = Instant::now();
+            let err = call().expect_err(mode);
+            println!("{role} {mode}: {err} ({:?})", start.elapsed());
+            assert!(expected(&err), "{role} {mode}: unexpected error: {err:?}");
+            let after = rt
+                .decide(&good, &scaling_input("reports", 2, 30, 7))
+                .expect("a good plugin still works");
+            assert_eq!(after.replicas, 8);
+        }
+    }
+}
+
+#[test]
+fn output_larger_than_the_cap_is_refused() {
+    // Room for the 64 MiB answer in memory, but not past the output cap.
+    let rt = Runtime::new(Limits {
+        deadline: Duration::from_secs(5),
+        memory_bytes: 256 << 20,
+        output_bytes: 1 << 20,
+    });
+    let hostile = rt.load(&fixture("hostile")).unwrap();
+    let err = rt
+        .decide(&hostile, &scaling_input("huge", 1, 1, 0))
+        .unwrap_err();
+    assert!(
+        matches!(err, PluginError::OutputTooLarge { size, limit: 1_048_576 } if size >= 64 << 20),
+        "{err:?}"
+    );
+    let input = ShapeInput {
+        celery: "{}".into(),
+        objects: vec![],
+        settings: json!({"mode": "huge"}).to_string(),
+    };
+    let err = rt.shape(&hostile, &input).unwrap_err();
+    assert!(matches!(err, PluginError::OutputTooLarge { .. }), "{err:?}");
+}
+
+#[test]
+fn malformed_answers_are_caught_by_the_shape_stage() {
+    let (plugins, celery) = setup(PluginConfig::default(), "default");
+    plugins
+        .registry
+        .install(
+            "hostile",
+            &fixture("hostile"),
+            Source::ConfigMap("ops/hostile".into()),
+        )
+        .unwrap();
+    let mut celery = celery;
+    celery.spec.plugins = Some(
+        serde_json::from_value(
+            json!({"shapers": [{"name": "hostile", "settings": {"mode": "garbage"}}]}),
+        )
+        .unwrap(),
+    );
+    let err = shape::shape(
+        &plugins,
+        &celery,
+        celery_operator::build::desired_children(&celery),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not JSON"), "{err}");
+}
+
+#[test]
+fn garbage_bytes_and_other_wit_versions_are_refused_clearly() {
+    let rt = runtime();
+    let err = rt.load(b"\0asm\x0d\0\x01\0garbage").unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Invalid(m) if m.contains("not a WebAssembly component")),
+        "{err}"
+    );
+    let err = rt.load(b"#!/bin/sh\necho hi\n").unwrap_err();
+    assert!(matches!(&err, PluginError::Invalid(_)), "{err}");
+    let err = rt.load(&fixture("future_version")).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("celery:operator@0.2.0") && msg.contains("serves celery:operator@0.1.0"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn compiled_plugins_are_cached_by_digest() {
+    let rt = runtime();
+    let a = rt.load(builtin::HPA).unwrap();
+    let b = rt.load(builtin::HPA).unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+}
+
+const SPEC: &str = r#"
+app: shop
+image: shop:1
+broker: {type: redis, secretRef: {name: broker, key: url}}
+workers:
+  - name: POOL
+    autoscaling:
+      minReplicas: 1
+      maxReplicas: 5
+      autoscaler: {name: custom}
+      metrics: [{name: cpu, target: {type: Utilization, averageUtilization: 70}}]
+"#;
+
+fn setup(config: PluginConfig, pool: &str) -> (Plugins, Celery) {
+    let registry = Registry::with_builtins(Arc::new(runtime())).unwrap();
+    let spec: CelerySpec = serde_saphyr::from_str(&SPEC.replace("POOL", pool)).unwrap();
+    let mut celery = Celery::new("shop", spec);
+    celery.metadata.namespace = Some("shop".into());
+    celery.metadata.uid = Some("uid-1".into());
+    (Plugins::new(Arc::new(registry), config), celery)
+}
+
+fn with_policy(autoscaler: FailurePolicy, shaper: FailurePolicy) -> PluginConfig {
+    PluginConfig {
+        autoscaler_failure: autoscaler,
+        shaper_failure: shaper,
+        ..PluginConfig::default()
+    }
+}
+
+fn kinds(shaped: &shape::Shaped) -> Vec<ChildKind> {
+    shaped.children.iter().map(|c| c.kind).collect()
+}
+
+fn install(plugins: &Plugins, name: &str, bytes: &[u8]) {
+    plugins
+        .registry
+        .install(name, bytes, Source::ConfigMap(format!("ops/{name}")))
+        .unwrap();
+}
+
+#[test]
+fn autoscaler_failure_policies() {
+    // fail: nothing can be applied.
+    let (plugins, celery) = setup(
+        with_policy(FailurePolicy::Fail, FailurePolicy::Fail),
+        "panic",
+    );
+    install(&plugins, "custom", &fixture("hostile"));
+    let built = celery_operator::build::desired_children(&celery);
+    let err = shape::shape(&plugins, &celery, built.clone()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ShapeError::Failed {
+                role: Role::Autoscaler,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // builtin: the built-in of the default autoscaler (hpa) takes over.
+    let (plugins, celery) = setup(
+        with_policy(FailurePolicy::Builtin, FailurePolicy::Fail),
+        "panic",
+    );
+    install(&plugins, "custom", &fixture("hostile"));
+    let shaped = shape::shape(&plugins, &celery, built.clone()).unwrap();
+    assert_eq!(
+        kinds(&shaped),
+        [ChildKind::Deployment, ChildKind::HorizontalPodAutoscaler]
+    );
+    assert_eq!(shaped.uses[0].name, "hpa");
+    assert_eq!(shaped.uses[0].fallback.as_deref(), Some("custom failed"));
+    assert!(
+        shaped.problems[0].contains("autoscaler custom failed for pool panic"),
+        "{:?}",
+        shaped.problems
+    );
+
+    // keep-last-good: the last good objects, or, with none, the live ones are kept.
+    let (plugins, celery) = setup(
+        with_policy(FailurePolicy::KeepLastGood, FailurePolicy::Fail),
+        "panic",
+    );
+    let shaped = shape::shape(&plugins, &celery, built.clone()).unwrap();
+    assert_eq!(
+        shaped.kept_pools,
+        ["panic"],
+        "custom is not loaded yet: nothing to fall back on"
+    );
+    install(&plugins, "custom", builtin::HPA);
+    let good = shape::shape(&plugins, &celery, built.clone()).unwrap();
+    assert!(good.problems.is_empty());
+    install(&plugins, "custom", &fixture("hostile"));
+    let kept = shape::shape(&plugins, &celery, built).unwrap();
+    assert_eq!(
+        kept.children, good.children,
+        "the last good HPA is applied again"
+    );
+    assert!(kept.kept_pools.is_empty());
+    assert!(kept.problems[0].contains("the last good objects are applied"));
+}
+
+#[test]
+fn shaper_failure_policies_and_rejections() {
+    let shaper = |mode: &str| json!({"shapers": [{"name": "hostile", "settings": {"mode": mode}}]});
+    for (policy, check) in [
+        (FailurePolicy::Fail, "fail"),
+        (FailurePolicy::Builtin, "builtin"),
+        (FailurePolicy::KeepLastGood, "keep"),
+    ] {
+        let (plugins, mut celery) = setup(with_policy(FailurePolicy::Fail, policy), "default");
+        install(&plugins, "custom", builtin::HPA);
+        install(&plugins, "hostile", &fixture("hostile"));
+        celery.spec.plugins = Some(serde_json::from_value(shaper("loop")).unwrap());
+        let built = celery_operator::build::desired_children(&celery);
+        let result = shape::shape(&plugins, &celery, built);
+        match check {
+            "fail" => assert!(matches!(
+                result,
+                Err(ShapeError::Failed {
+                    role: Role::Shaper,
+                    ..
+                })
+            )),
+            "builtin" => {
+                let shaped = result.unwrap();
+                assert!(!shaped.hold);
+                assert_eq!(
+                    kinds(&shaped),
+                    [ChildKind::Deployment, ChildKind::HorizontalPodAutoscaler]
+                );
+                assert!(shaped.problems[0].contains("applied unshaped"));
+            }
+            _ => {
+                let shaped = result.unwrap();
+                assert!(shaped.hold, "keep-last-good applies nothing");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_shaper_rejection_applies_nothing_whatever_the_policy() {
+    for policy in [
+        FailurePolicy::Fail,
+        FailurePolicy::Builtin,
+        FailurePolicy::KeepLastGood,
+    ] {
+        let (plugins, mut celery) = setup(with_policy(FailurePolicy::Fail, policy), "default");
+        install(&plugins, "custom", builtin::HPA);
+        install(&plugins, "hostile", &fixture("hostile"));
+        // The hostile fixture answers an error result for a mode it does not know.
+        celery.spec.plugins = Some(
+            serde_json::from_value(
+                json!({"shapers": [{"name": "hostile", "settings": {"mode": "no-such-mode"}}]}),
+            )
+            .unwrap(),
+        );
+        let err = shape::shape(
+            &plugins,
+            &celery,
+            celery_operator::build::desired_children(&celery),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ShapeError::Rejected { plugin, message } if plugin == "hostile" && message.contains("unknown mode")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn shapers_cannot_add_objects_or_disown_them() {
+    let (plugins, mut celery) = setup(PluginConfig::default(), "default");
+    install(&plugins, "custom", builtin::HPA);
+    install(&plugins, "hostile", &fixture("hostile"));
+    celery.spec.plugins = Some(
+        serde_json::from_value(
+            json!({"shapers": [{"name": "hostile", "settings": {"mode": "ok"}}]}),
+        )
+        .unwrap(),
+    );
+    let built = celery_operator::build::desired_children(&celery);
+    let shaped = shape::shape(&plugins, &celery, built).unwrap();
+    for child in &shaped.children {
+        assert_eq!(
+            child.object["metadata"]["ownerReferences"][0]["uid"], "uid-1",
+            "{}",
+            child.name
+        );
+        assert_eq!(child.object["metadata"]["namespace"], "shop");
+    }
+    assert_eq!(
+        shaped
+            .uses
+            .iter()
+            .map(|u| u.role.as_str())
+            .collect::<Vec<_>>(),
+        ["autoscaler", "shaper"]
+    );
+}
+
+fn configmap(name: &str, bytes: &[u8]) -> ConfigMap {
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some(format!("{name}-plugin"));
+    cm.metadata.namespace = Some("ops".into());
+    cm.metadata.labels = Some([(PLUGIN_LABEL.to_string(), name.to_string())].into());
+    cm.binary_data = Some([(WASM_KEY.to_string(), ByteString(bytes.to_vec()))].into());
+    cm
+}
+
+#[test]
+fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
+    let registry = Registry::with_builtins(Arc::new(runtime())).unwrap();
+    let wanted = PluginRef {
+        name: "hpa".into(),
+        digest: None,
+    };
+    let builtin_digest = registry
+        .resolve(Role::Autoscaler, &wanted)
+        .unwrap()
+        .plugin
+        .digest
+        .clone();
+
+    // A new good build (here: the keda plugin under the name hpa) replaces the built-in.
+    let good = configmap("hpa", builtin::KEDA);
+    let Loaded::Swapped { digest, .. } = configmap::load(&registry, &good) else {
+        panic!("not swapped")
+    };
+    assert_eq!(
+        registry
+            .resolve(Role::Autoscaler, &wanted)
+            .unwrap()
+            .plugin
+            .digest,
+        digest
+    );
+    assert_eq!(configmap::load(&registry, &good), Loaded::Unchanged);
+
+    // A broken build, or one of another WIT version, or of another role, is refused and
+    // the good one keeps running.
+    for (bytes, why) in [
+        (b"garbage".to_vec(), "not a WebAssembly component"),
+        (fixture("future_version"), "celery:operator@0.2.0"),
+        (builtin::NOOP.to_vec(), "implements"),
+    ] {
+        let Loaded::Refused { error, .. } = configmap::load(&registry, &configmap("hpa", &bytes))
+        else {
+            panic!("a broken build was accepted")
+        };
+        assert!(error.contains(why), "{error}");
+        assert_eq!(
+            registry
+                .resolve(Role::Autoscaler, &wanted)
+                .unwrap()
+                .plugin
+                .digest,
+            digest
+        );
+        assert!(registry.rejection("hpa").is_some());
+    }
+
+    // Pins: the old build stays usable by digest while it is known.
+    let pinned = PluginRef {
+        name: "hpa".into(),
+        digest: Some(builtin_digest.clone()),
+    };
+    assert_eq!(
+        registry
+            .resolve(Role::Autoscaler, &pinned)
+            .unwrap()
+            .plugin
+            .digest,
+        builtin_digest
+    );
+    let unknown = PluginRef {
+        name: "hpa".into(),
+        digest: Some(format!("sha256:{}", "0".repeat(64))),
+    };
+    assert!(
+        registry
+            .resolve(Role::Autoscaler, &unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("not loaded")
+    );
+
+    // Deleting the ConfigMap brings the built-in back.
+    registry.remove("hpa", &Source::ConfigMap("ops/hpa-plugin".into()));
+    assert_eq!(
+        registry
+            .resolve(Role::Autoscaler, &wanted)
+            .unwrap()
+            .plugin
+            .digest,
+        builtin_digest
+    );
+}
