@@ -456,6 +456,10 @@ pub struct Autoscaling {
     /// queue default otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaler: Option<PluginRef>,
+    /// The scaling-decision plugin of the operator's own scaler (autoscaler `operator`):
+    /// `queue-length` (the cluster default) or a custom plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<PluginRef>,
 }
 
 /// One autoscaling metric and its target.

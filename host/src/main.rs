@@ -180,6 +180,8 @@ fn print_crd() -> anyhow::Result<()> {
 }
 
 fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
+    let registry = Registry::with_builtins(Arc::new(Runtime::new(Limits::default())))?;
+    let plugins = Plugins::new(Arc::new(registry), PluginConfig::default());
     let mut docs = Vec::new();
     for file in files {
         let yaml = if file.as_os_str() == "-" {
@@ -187,7 +189,10 @@ fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
         } else {
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
         };
-        docs.push(render::render(&yaml).with_context(|| format!("rendering {}", file.display()))?);
+        docs.push(
+            render::render(&yaml, &plugins)
+                .with_context(|| format!("rendering {}", file.display()))?,
+        );
     }
     print!("{}", docs.join("---\n"));
     Ok(())

@@ -1,11 +1,13 @@
 //! `celery-operator render`: the children the operator would apply for Celery resources
-//! read from YAML, without a cluster.
+//! read from YAML, without a cluster: validated, built and shaped by the plugins (the
+//! built-in ones; ConfigMap plugins live in a cluster).
 
 use kube::ResourceExt;
 use serde_json::Value;
 
 use crate::build::desired_children;
 use crate::crd::Celery;
+use crate::shape::{Plugins, shape};
 use crate::validate::validate;
 
 /// Why a file cannot be rendered.
@@ -14,6 +16,14 @@ pub enum RenderError {
     /// The YAML is not a Celery resource.
     #[error("not a valid Celery resource: {0}")]
     Parse(String),
+    /// A plugin failed or rejected the objects.
+    #[error("{name}: {source}")]
+    Plugin {
+        /// Name of the resource.
+        name: String,
+        /// What the plugin did.
+        source: crate::shape::ShapeError,
+    },
     /// The resource breaks a rule of the CRD.
     #[error("{name}: {source}")]
     Invalid {
@@ -26,7 +36,7 @@ pub enum RenderError {
 
 /// Renders every Celery resource in `yaml` (one or more documents) to the YAML of its
 /// children, documents separated by `---`.
-pub fn render(yaml: &str) -> Result<String, RenderError> {
+pub fn render(yaml: &str, plugins: &Plugins) -> Result<String, RenderError> {
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(yaml).map_err(|e| RenderError::Parse(e.to_string()))?;
     let mut out = Vec::new();
@@ -46,7 +56,13 @@ pub fn render(yaml: &str) -> Result<String, RenderError> {
             name: celery.name_any(),
             source,
         })?;
-        for child in desired_children(&celery) {
+        let shaped = shape(plugins, &celery, desired_children(&celery)).map_err(|source| {
+            RenderError::Plugin {
+                name: celery.name_any(),
+                source,
+            }
+        })?;
+        for child in shaped.children {
             out.push(
                 serde_saphyr::to_string(&child.object).expect("JSON values serialize to YAML"),
             );
@@ -58,12 +74,21 @@ pub fn render(yaml: &str) -> Result<String, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plugin::{Limits, Registry, Runtime};
+    use crate::shape::PluginConfig;
+    use std::sync::Arc;
+
+    fn plugins() -> Plugins {
+        let runtime = Arc::new(Runtime::new(Limits::default()));
+        let registry = Registry::with_builtins(runtime).unwrap();
+        Plugins::new(Arc::new(registry), PluginConfig::default())
+    }
 
     const MINIMAL: &str = "apiVersion: celeryproject.org/v1alpha1\nkind: Celery\nmetadata: {name: m}\nspec:\n  app: proj\n  image: img\n  broker: {secretRef: {name: b, key: url}}\n  workers: [{name: default}]\n";
 
     #[test]
     fn renders_each_child_as_a_yaml_document() {
-        let out = render(MINIMAL).unwrap();
+        let out = render(MINIMAL, &plugins()).unwrap();
         let docs: Vec<Value> = serde_saphyr::from_multiple(&out).unwrap();
         assert_eq!(docs.len(), 1);
         assert_eq!(docs[0]["kind"], "Deployment");
@@ -72,15 +97,19 @@ mod tests {
 
     #[test]
     fn rejects_other_kinds_and_invalid_specs_clearly() {
-        let err = render("kind: Deployment\nmetadata: {name: x}\n").unwrap_err();
+        let err = render("kind: Deployment\nmetadata: {name: x}\n", &plugins()).unwrap_err();
         assert!(err.to_string().contains("expected kind Celery"), "{err}");
-        let err = render(&MINIMAL.replace("name: default", "name: Bad_Name")).unwrap_err();
+        let err = render(
+            &MINIMAL.replace("name: default", "name: Bad_Name"),
+            &plugins(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("m: invalid Celery spec")
                 && err.to_string().contains("DNS label"),
             "{err}"
         );
-        let err = render(&MINIMAL.replace("  image: img\n", "")).unwrap_err();
+        let err = render(&MINIMAL.replace("  image: img\n", ""), &plugins()).unwrap_err();
         assert!(err.to_string().contains("image"), "{err}");
     }
 }

@@ -37,10 +37,12 @@ fn render_prints_every_child_of_the_full_example() {
             "PodDisruptionBudget/shop-worker-default",
             "Deployment/shop-worker-reports",
             "PodDisruptionBudget/shop-worker-reports",
+            "Deployment/shop-worker-images",
             "Deployment/shop-flower",
             "Service/shop-flower",
             "Ingress/shop-flower",
             "Deployment/shop-beat",
+            "HorizontalPodAutoscaler/shop-worker-images",
         ]
     );
     assert!(!yaml.contains("PASSWORD") && !yaml.contains("redis://"));
@@ -98,4 +100,139 @@ fn run_without_a_cluster_fails_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no Kubernetes configuration found"), "{err}");
+}
+
+fn plugin_file(name: &str) -> String {
+    format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"))
+}
+
+#[test]
+fn plugin_check_reports_world_version_size_and_digest() {
+    let out = operator(&["plugin", "check", &plugin_file("business_hours")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("worlds:          scaler-plugin"), "{text}");
+    assert!(
+        text.contains("wit package:     celery:operator@0.1.0"),
+        "{text}"
+    );
+    assert!(text.contains("digest:          sha256:"), "{text}");
+
+    let out = operator(&["plugin", "check", &plugin_file("future_version")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("speaks celery:operator@0.2.0"), "{err}");
+}
+
+#[test]
+fn plugin_run_calls_each_world_on_the_example_inputs() {
+    let out = operator(&[
+        "plugin",
+        "run",
+        &plugin_file("business_hours"),
+        "--world",
+        "scaler-plugin",
+        "--input",
+        "examples/plugins/inputs/scaler.json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["replicas"], 8, "{decision}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("call took"));
+
+    let out = operator(&[
+        "plugin",
+        "run",
+        &plugin_file("hpa"),
+        "--world",
+        "autoscaler-plugin",
+        "--input",
+        "examples/plugins/inputs/autoscaler.json",
+    ]);
+    let objects: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(objects[0]["kind"], "HorizontalPodAutoscaler");
+
+    let out = operator(&[
+        "plugin",
+        "run",
+        &plugin_file("noop_shaper"),
+        "--world",
+        "shaper",
+        "--input",
+        "examples/plugins/inputs/shaper.json",
+    ]);
+    let objects: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(objects[0]["metadata"]["name"], "shop-worker-images");
+
+    // A world the plugin does not implement, and an input that does not fit.
+    let out = operator(&[
+        "plugin",
+        "run",
+        &plugin_file("hpa"),
+        "--world",
+        "scaler-plugin",
+        "--input",
+        "examples/plugins/inputs/scaler.json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not scaler"));
+    let out = operator(&[
+        "plugin",
+        "run",
+        &plugin_file("hpa"),
+        "--world",
+        "autoscaler-plugin",
+        "--input",
+        "examples/plugins/inputs/scaler.json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not fit the autoscaler-plugin world")
+    );
+}
+
+#[test]
+fn plugin_pack_prints_a_configmap_the_operator_loads() {
+    use std::io::Read;
+    let file = plugin_file("business_hours");
+    let out = operator(&[
+        "plugin",
+        "pack",
+        &file,
+        "--name",
+        "business-hours",
+        "--namespace",
+        "ops",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(
+        cm.metadata.labels.unwrap()["celeryproject.org/plugin"],
+        "business-hours"
+    );
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("ops"));
+    let gz = &cm.binary_data.unwrap()["plugin.wasm.gz"].0;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(gz.as_slice())
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert_eq!(
+        bytes,
+        std::fs::read(&file).unwrap(),
+        "the ConfigMap holds the exact component"
+    );
+    assert!(gz.len() < bytes.len());
 }

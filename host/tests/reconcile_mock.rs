@@ -645,3 +645,51 @@ async fn children_are_owned_by_the_celery_resource() {
     }
     assert_eq!(fake.celery().name_any(), "demo");
 }
+
+#[tokio::test]
+async fn switching_a_pool_from_hpa_to_keda_replaces_its_autoscaler_objects() {
+    let (fake, ctx) = setup(SPEC).await;
+    converge(&fake, &ctx).await;
+    let hpa = fake
+        .get(HPAS, "demo-worker-heavy")
+        .expect("the default autoscaler made an HPA");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "demo-worker-heavy");
+    assert_eq!(hpa["metadata"]["ownerReferences"][0]["uid"], "celery-uid");
+    let status = fake.get(CELERIES, "demo").unwrap()["status"].clone();
+    let used = &status["plugins"][0];
+    assert_eq!(
+        (
+            used["role"].as_str(),
+            used["target"].as_str(),
+            used["name"].as_str(),
+            used["source"].as_str()
+        ),
+        (
+            Some("autoscaler"),
+            Some("pool heavy"),
+            Some("hpa"),
+            Some("builtin")
+        )
+    );
+    assert!(used["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let keda = SPEC.replace(
+        "      maxReplicas: 5\n",
+        "      maxReplicas: 5\n      autoscaler: {name: keda}\n",
+    );
+    fake.put(CELERIES, celery_object(&keda, 2));
+    reconcile_once(&fake, &ctx).await.unwrap();
+    let changes: Vec<_> = writes(&fake.take_sent())
+        .into_iter()
+        .filter(|(_, p)| !p.starts_with(CELERIES) && !p.starts_with(EVENTS))
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            patch(SCALED_OBJECTS, "demo-worker-heavy"),
+            (Method::DELETE, format!("{HPAS}/demo-worker-heavy")),
+        ]
+    );
+    let status = fake.get(CELERIES, "demo").unwrap()["status"].clone();
+    assert_eq!(status["plugins"][0]["name"], "keda");
+}

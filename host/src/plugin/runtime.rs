@@ -43,6 +43,11 @@ static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
     engine
 });
 
+/// The engine every plugin is compiled for (for benchmarks of compilation).
+pub fn engine() -> &'static Engine {
+    &ENGINE
+}
+
 /// Bounds on every plugin call.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
