@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole test suite: formatting, lints, every Rust test (unit, mocked
-# API, CRD drift), and schema validation of the CRD and of the rendered examples.
+# API, CRD drift, the plugin runtime with real and hostile components, the plugins' own
+# tests), and schema validation of the CRD, the rendered examples and a packed plugin.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
@@ -8,11 +9,17 @@ cd "$ROOT"
 
 step() { echo "==> $*"; }
 
+# The plugins are a workspace of their own (they build for wasm32-wasip2).
+PLUGINS=(--manifest-path plugins/Cargo.toml)
+export CELERY_PLUGINS_TARGET_DIR="${CELERY_PLUGINS_TARGET_DIR:-$CARGO_TARGET_DIR/wasm-plugins}"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --all "${PLUGINS[@]}" -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet "${PLUGINS[@]}" --target-dir "$CELERY_PLUGINS_TARGET_DIR" -- -D warnings
 
 step "kubernetes-validate: CRD and rendered examples"
 cargo build --quiet -p celery-operator
@@ -25,6 +32,13 @@ for example in examples/*.yaml; do
   kubernetes-validate --strict -k 1.33.0 --quiet "$OUT/$(basename "$example")"
   echo "$example: rendered objects are valid"
 done
+"$BIN" plugin pack "$CELERY_PLUGINS_TARGET_DIR/wasm32-wasip2/release/business_hours.wasm" \
+  --name business-hours --namespace celery-operator >"$OUT/plugin.yaml"
+kubernetes-validate --strict -k 1.33.0 --quiet "$OUT/plugin.yaml"
+echo "plugin pack: the ConfigMap is valid"
+
+step "cargo test (plugins, native)"
+cargo test --quiet "${PLUGINS[@]}" --target-dir "$CELERY_PLUGINS_TARGET_DIR"
 
 step "cargo test"
 cargo test --workspace
