@@ -322,18 +322,8 @@ fn malformed_answers_are_caught_by_the_shape_stage() {
         )
         .unwrap();
     let mut celery = celery;
-    celery.spec.plugins = Some(
-        serde_json::from_value(
-            json!({"shapers": [{"name": "hostile", "settings": {"mode": "garbage"}}]}),
-        )
-        .unwrap(),
-    );
-    let err = shape::shape(
-        &plugins,
-        &celery,
-        celery_operator::build::desired_children(&celery),
-    )
-    .unwrap_err();
+    with_shaper(&mut celery, "garbage");
+    let err = run_shape(&plugins, &celery).unwrap_err();
     assert!(err.to_string().contains("not JSON"), "{err}");
 }
 
@@ -383,6 +373,20 @@ fn setup(config: PluginConfig, pool: &str) -> (Plugins, Celery) {
     celery.metadata.namespace = Some("shop".into());
     celery.metadata.uid = Some("uid-1".into());
     (Plugins::new(Arc::new(registry), config), celery)
+}
+
+/// Makes the hostile fixture the resource's shaper, in `mode`.
+fn with_shaper(celery: &mut Celery, mode: &str) {
+    let plugins = json!({"shapers": [{"name": "hostile", "settings": {"mode": mode}}]});
+    celery.spec.plugins = Some(serde_json::from_value(plugins).unwrap());
+}
+
+fn run_shape(plugins: &Plugins, celery: &Celery) -> Result<shape::Shaped, ShapeError> {
+    shape::shape(
+        plugins,
+        celery,
+        celery_operator::build::desired_children(celery),
+    )
 }
 
 fn with_policy(autoscaler: FailurePolicy, shaper: FailurePolicy) -> PluginConfig {
@@ -469,8 +473,7 @@ fn autoscaler_failure_policies() {
 }
 
 #[test]
-fn shaper_failure_policies_and_rejections() {
-    let shaper = |mode: &str| json!({"shapers": [{"name": "hostile", "settings": {"mode": mode}}]});
+fn shaper_failure_policies() {
     for (policy, check) in [
         (FailurePolicy::Fail, "fail"),
         (FailurePolicy::Builtin, "builtin"),
@@ -479,9 +482,8 @@ fn shaper_failure_policies_and_rejections() {
         let (plugins, mut celery) = setup(with_policy(FailurePolicy::Fail, policy), "default");
         install(&plugins, "custom", builtin::HPA);
         install(&plugins, "hostile", &fixture("hostile"));
-        celery.spec.plugins = Some(serde_json::from_value(shaper("loop")).unwrap());
-        let built = celery_operator::build::desired_children(&celery);
-        let result = shape::shape(&plugins, &celery, built);
+        with_shaper(&mut celery, "loop");
+        let result = run_shape(&plugins, &celery);
         match check {
             "fail" => assert!(matches!(
                 result,
@@ -518,18 +520,8 @@ fn a_shaper_rejection_applies_nothing_whatever_the_policy() {
         install(&plugins, "custom", builtin::HPA);
         install(&plugins, "hostile", &fixture("hostile"));
         // The hostile fixture answers an error result for a mode it does not know.
-        celery.spec.plugins = Some(
-            serde_json::from_value(
-                json!({"shapers": [{"name": "hostile", "settings": {"mode": "no-such-mode"}}]}),
-            )
-            .unwrap(),
-        );
-        let err = shape::shape(
-            &plugins,
-            &celery,
-            celery_operator::build::desired_children(&celery),
-        )
-        .unwrap_err();
+        with_shaper(&mut celery, "no-such-mode");
+        let err = run_shape(&plugins, &celery).unwrap_err();
         assert!(
             matches!(&err, ShapeError::Rejected { plugin, message } if plugin == "hostile" && message.contains("unknown mode")),
             "{err}"
@@ -542,12 +534,7 @@ fn shapers_cannot_add_objects_or_disown_them() {
     let (plugins, mut celery) = setup(PluginConfig::default(), "default");
     install(&plugins, "custom", builtin::HPA);
     install(&plugins, "hostile", &fixture("hostile"));
-    celery.spec.plugins = Some(
-        serde_json::from_value(
-            json!({"shapers": [{"name": "hostile", "settings": {"mode": "ok"}}]}),
-        )
-        .unwrap(),
-    );
+    with_shaper(&mut celery, "ok");
     let built = celery_operator::build::desired_children(&celery);
     let shaped = shape::shape(&plugins, &celery, built).unwrap();
     for child in &shaped.children {

@@ -130,7 +130,7 @@ pub async fn watch(
                     .await
                     .expect("loading a plugin does not panic");
                 report(&client, &reporter, &metrics, &cm, &loaded).await;
-                if matches!(loaded, Loaded::Swapped { .. }) {
+                if loaded != Loaded::Unchanged {
                     changed();
                 }
             }

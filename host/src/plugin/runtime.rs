@@ -294,22 +294,39 @@ impl Runtime {
         Ok(())
     }
 
+    /// Instantiates `pre` (the plugin's bindings for `role`) and makes one call. A plugin's
+    /// own error answer becomes [`PluginError::Rejected`].
+    fn call_role<P, R>(
+        &self,
+        plugin: &Plugin,
+        role: Role,
+        pre: Option<&P>,
+        call: impl FnOnce(&P, &mut Store<State>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, PluginError> {
+        let pre = pre.ok_or(PluginError::WrongRole {
+            role,
+            roles: plugin.roles.clone(),
+        })?;
+        self.call(|store| call(pre, store))?
+            .map_err(PluginError::Rejected)
+    }
+
     /// Calls a shaper.
     pub fn shape(
         &self,
         plugin: &Plugin,
         input: &shaper::ShapeInput,
     ) -> Result<Vec<String>, PluginError> {
-        let pre = plugin.shaper.as_ref().ok_or(PluginError::WrongRole {
-            role: Role::Shaper,
-            roles: plugin.roles.clone(),
-        })?;
-        let out = self.call(|store| {
-            pre.instantiate(&mut *store)?
-                .celery_operator_shaper()
-                .call_shape(&mut *store, input)
-        })?;
-        let objects = out.map_err(PluginError::Rejected)?;
+        let objects = self.call_role(
+            plugin,
+            Role::Shaper,
+            plugin.shaper.as_ref(),
+            |pre, store| {
+                pre.instantiate(&mut *store)?
+                    .celery_operator_shaper()
+                    .call_shape(&mut *store, input)
+            },
+        )?;
         self.check_output(objects.iter().map(String::len).sum())?;
         Ok(objects)
     }
@@ -320,16 +337,12 @@ impl Runtime {
         plugin: &Plugin,
         input: &autoscaler::PoolInput,
     ) -> Result<Vec<String>, PluginError> {
-        let pre = plugin.autoscaler.as_ref().ok_or(PluginError::WrongRole {
-            role: Role::Autoscaler,
-            roles: plugin.roles.clone(),
-        })?;
-        let out = self.call(|store| {
+        let role = Role::Autoscaler;
+        let objects = self.call_role(plugin, role, plugin.autoscaler.as_ref(), |pre, store| {
             pre.instantiate(&mut *store)?
                 .celery_operator_autoscaler()
                 .call_objects(&mut *store, input)
         })?;
-        let objects = out.map_err(PluginError::Rejected)?;
         self.check_output(objects.iter().map(String::len).sum())?;
         Ok(objects)
     }
@@ -340,16 +353,16 @@ impl Runtime {
         plugin: &Plugin,
         input: &scaler::ScalingInput,
     ) -> Result<scaler::Decision, PluginError> {
-        let pre = plugin.scaler.as_ref().ok_or(PluginError::WrongRole {
-            role: Role::Scaler,
-            roles: plugin.roles.clone(),
-        })?;
-        let out = self.call(|store| {
-            pre.instantiate(&mut *store)?
-                .celery_operator_scaler()
-                .call_decide(&mut *store, input)
-        })?;
-        let decision = out.map_err(PluginError::Rejected)?;
+        let decision = self.call_role(
+            plugin,
+            Role::Scaler,
+            plugin.scaler.as_ref(),
+            |pre, store| {
+                pre.instantiate(&mut *store)?
+                    .celery_operator_scaler()
+                    .call_decide(&mut *store, input)
+            },
+        )?;
         self.check_output(decision.reason.len())?;
         Ok(decision)
     }
