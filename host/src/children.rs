@@ -46,6 +46,17 @@ impl ChildKind {
         ChildKind::TriggerAuthentication,
     ];
 
+    /// The kinds the controller watches, so that a changed or deleted child is repaired at
+    /// once. KEDA's kinds are not watched (KEDA may be absent); the periodic resync repairs
+    /// them.
+    pub const WATCHED: [ChildKind; 5] = [
+        ChildKind::Deployment,
+        ChildKind::Service,
+        ChildKind::Ingress,
+        ChildKind::PodDisruptionBudget,
+        ChildKind::HorizontalPodAutoscaler,
+    ];
+
     /// The kinds an autoscaler plugin may return.
     pub const AUTOSCALER: [ChildKind; 3] = [
         ChildKind::HorizontalPodAutoscaler,

@@ -4,15 +4,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::CustomResourceExt;
+use kube::{Api, CustomResourceExt};
 use tracing_subscriber::EnvFilter;
 
 use celery_operator::crd::Celery;
+use celery_operator::leader::Elector;
 use celery_operator::metrics::Metrics;
 use celery_operator::plugin::cli as plugin_cli;
 use celery_operator::plugin::{FailurePolicy, Limits, PluginRef, Registry, Runtime};
@@ -33,6 +34,9 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinition of `Celery` as YAML.
     Crd,
+    /// Print the RBAC rules the operator needs (JSON): in the watched namespaces, and in its
+    /// own namespace.
+    Rbac,
     /// Print the objects the operator would apply for Celery resources in files, without
     /// a cluster.
     Render {
@@ -149,6 +153,12 @@ struct RunArgs {
     scaler_failure_policy: FailurePolicy,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Reconcile only while holding a Lease, so several replicas can run (one acts).
+    #[arg(long, env = "LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (default: the plugin namespace).
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,6 +171,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd => print_crd(),
+        Command::Rbac => {
+            let rules = serde_json::json!({
+                "watchedNamespaces": celery_operator::rbac::watched_namespaces(),
+                "operatorNamespace": celery_operator::rbac::operator_namespace(),
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&rules).expect("serializes")
+            );
+            Ok(())
+        }
         Command::Render { files } => render_files(&files),
         Command::Run(args) => run(args),
         Command::Plugin(command) => plugin(command),
@@ -271,9 +292,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             scaler_failure: args.scaler_failure_policy,
         };
         let plugins = Arc::new(Plugins::new(registry, config));
+        reconcile::wait_for_crd(&client, args.namespace.as_deref()).await;
+        ready.store(true, Ordering::Relaxed);
+        let elector = match args.leader_elect {
+            false => None,
+            true => {
+                let ns = args
+                    .leader_election_namespace
+                    .or_else(|| args.plugin_namespace.clone())
+                    .context("--leader-elect needs --leader-election-namespace or --plugin-namespace")?;
+                let me = args
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| format!("celery-operator-{}", std::process::id()));
+                let elector = Elector::new(Api::namespaced(client.clone(), &ns), "celery-operator", me);
+                elector.acquire().await;
+                Some(elector)
+            }
+        };
         let ctx = Arc::new(reconcile::Context::new(client.clone(), metrics, plugins, args.instance));
+        let lost = async {
+            match &elector {
+                Some(e) => e.hold().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = reconcile::run(client, args.namespace, args.plugin_namespace, ctx, ready) => Ok(()),
+            () = reconcile::run(client, args.namespace, args.plugin_namespace, ctx) => Ok(()),
+            () = lost => Err(anyhow::anyhow!("lost the leader-election Lease; exiting so that another replica takes over")),
             served = server => Err(anyhow::anyhow!("HTTP server stopped: {:?}", served?)),
         }
     })

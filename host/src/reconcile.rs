@@ -2,17 +2,12 @@
 //! (observe, apply drifted, prune stale), status — and reports what a person should see.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -368,7 +363,6 @@ pub async fn run(
     namespace: Option<String>,
     plugin_namespace: Option<String>,
     ctx: Arc<Context>,
-    ready: Arc<AtomicBool>,
 ) {
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
@@ -380,7 +374,6 @@ pub async fn run(
         }
     }
     let celeries: Api<Celery> = api(&client, &namespace);
-    wait_for_crd(&celeries).await;
 
     let (plugins_changed, reconcile_all) = futures::channel::mpsc::unbounded::<()>();
     match plugin_namespace {
@@ -409,18 +402,18 @@ pub async fn run(
         }
         None => info!("no plugin namespace set: plugins come from the built-ins only"),
     }
-    ready.store(true, Ordering::Relaxed);
 
     let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
-    Controller::new(celeries, watcher::Config::default())
-        .owns(api::<Deployment>(&client, &namespace), owned.clone())
-        .owns(api::<Service>(&client, &namespace), owned.clone())
-        .owns(api::<Ingress>(&client, &namespace), owned.clone())
-        .owns(
-            api::<PodDisruptionBudget>(&client, &namespace),
-            owned.clone(),
-        )
-        .owns(api::<HorizontalPodAutoscaler>(&client, &namespace), owned)
+    let mut controller = Controller::new(celeries, watcher::Config::default());
+    for kind in ChildKind::WATCHED {
+        let ar = kind.api_resource();
+        let children: Api<DynamicObject> = match &namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        controller = controller.owns_with(children, ar, owned.clone());
+    }
+    controller
         .reconcile_all_on(reconcile_all)
         // A rollout changes a Deployment's status many times a second; one reconcile for
         // the burst is enough.
@@ -437,8 +430,13 @@ pub async fn run(
     info!("controller stopped");
 }
 
-/// Blocks until Celery resources can be listed, saying clearly why not in the meantime.
-async fn wait_for_crd(celeries: &Api<Celery>) {
+/// Blocks until Celery resources can be listed in `namespace` (or all namespaces), saying
+/// clearly why not in the meantime.
+pub async fn wait_for_crd(client: &Client, namespace: Option<&str>) {
+    let celeries: Api<Celery> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     loop {
         match celeries.list(&ListParams::default().limit(1)).await {
             Ok(_) => return,

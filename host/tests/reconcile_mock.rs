@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use celery_operator::crd::Celery;
 use celery_operator::metrics::Metrics;
 use celery_operator::plugin::{Limits, Registry, Runtime};
+use celery_operator::rbac;
 use celery_operator::reconcile::{Context, reconcile};
 use celery_operator::shape::{PluginConfig, Plugins};
 
@@ -692,4 +693,88 @@ async fn switching_a_pool_from_hpa_to_keda_replaces_its_autoscaler_objects() {
     );
     let status = fake.get(CELERIES, "demo").unwrap()["status"].clone();
     assert_eq!(status["plugins"][0]["name"], "keda");
+}
+
+/// The requests the reconciler sends, as RBAC sees them: (API group, resource, verb).
+fn rbac_requests(sent: &[Sent]) -> std::collections::BTreeSet<(String, String, String)> {
+    sent.iter()
+        .map(|s| {
+            let parts: Vec<&str> = s.path.trim_start_matches('/').split('/').collect();
+            let (group, rest) = match parts[0] {
+                "api" => ("", &parts[2..]),
+                _ => (parts[1], &parts[3..]),
+            };
+            // rest: namespaces, <ns>, <resource>[, <name>[, <subresource>]]
+            let resource = match rest.get(4) {
+                Some(sub) => format!("{}/{sub}", rest[2]),
+                None => rest[2].to_string(),
+            };
+            let verb = match (s.method.as_str(), rest.len()) {
+                ("GET", 3) => "list",
+                ("GET", _) => "get",
+                ("POST", _) => "create",
+                ("PUT", _) => "update",
+                ("PATCH", _) => "patch",
+                ("DELETE", _) => "delete",
+                (m, _) => panic!("unexpected method {m}"),
+            };
+            (group.to_string(), resource, verb.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn rbac_rules_cover_every_request_and_every_child_verb_is_used() {
+    let (fake, ctx) = setup(SPEC).await;
+    let mut sent = Vec::new();
+    converge(&fake, &ctx).await;
+    // Everything a resource goes through: create, roll out, switch autoscalers, prune,
+    // an invalid spec.
+    let (fresh, fresh_ctx) = setup(SPEC).await;
+    reconcile_once(&fresh, &fresh_ctx).await.unwrap();
+    sent.extend(fresh.take_sent());
+    let keda = SPEC
+        .replace(
+            "      maxReplicas: 5\n",
+            "      maxReplicas: 5\n      autoscaler: {name: keda}\n",
+        )
+        .replace("flower: {}", "flower: {enabled: false}");
+    fake.put(CELERIES, celery_object(&keda, 2));
+    reconcile_once(&fake, &ctx).await.unwrap();
+    fake.put(
+        CELERIES,
+        celery_object(&SPEC.replace("minReplicas: 1", "minReplicas: 9"), 3),
+    );
+    reconcile_once(&fake, &ctx).await.unwrap();
+    sent.extend(fake.take_sent());
+
+    let allowed: std::collections::BTreeSet<(String, String, String)> = rbac::watched_namespaces()
+        .into_iter()
+        .flat_map(|r| {
+            let (g, res) = (r.api_groups[0].clone(), r.resources[0].clone());
+            r.verbs
+                .into_iter()
+                .map(move |v| (g.clone(), res.clone(), v))
+        })
+        .collect();
+    let used = rbac_requests(&sent);
+    let uncovered: Vec<_> = used.difference(&allowed).collect();
+    assert!(
+        uncovered.is_empty(),
+        "requests the RBAC rules do not allow: {uncovered:?}"
+    );
+    // Nothing more: every verb granted on the child kinds is one the reconciler uses (watch
+    // comes from the controller's watches, which the mock does not serve).
+    for verb in rbac::CHILD_VERBS {
+        assert!(
+            used.iter().any(|(_, _, v)| v == verb),
+            "{verb} is granted but never used"
+        );
+    }
+    assert!(used.contains(&(
+        "celeryproject.org".into(),
+        "celeries/status".into(),
+        "patch".into()
+    )));
+    assert!(used.contains(&("events.k8s.io".into(), "events".into(), "create".into())));
 }
