@@ -31,7 +31,7 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2 >&2
 fi
 
-# Debian packages the tests need (none beyond python3-venv so far).
+# Debian packages the tests need.
 apt_install() {
   local missing=()
   for pkg in "$@"; do
@@ -47,6 +47,8 @@ apt_install() {
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   apt_install python3-venv
 fi
+# A real Redis for the broker-probe tests (started by the tests themselves on 127.0.0.1).
+command -v redis-server >/dev/null || apt_install redis-server
 
 # Python tools, in a virtualenv keyed by the requirements file so a change reinstalls.
 stamp="$VENV/.requirements.sha256"

@@ -6,6 +6,7 @@
 //! together and runs the controller.
 
 pub mod apply;
+pub mod broker;
 pub mod build;
 pub mod children;
 pub mod crd;

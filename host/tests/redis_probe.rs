@@ -1,0 +1,99 @@
+//! The Redis probe against a real `redis-server`, filled by the real Celery client and
+//! drained by a real Celery worker; its numbers must equal the ground truth that kombu itself
+//! reports (`tests/celery_app/truth.py`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use celery_operator::broker::QueueSample;
+use celery_operator::broker::redis::{Layout, RedisProbe};
+use support::{Redis, Worker, python};
+
+fn truth(broker: &str, queues: &[&str]) -> BTreeMap<String, (u64, u64)> {
+    let mut args = vec!["truth.py"];
+    args.extend(queues);
+    let out: serde_json::Value = serde_json::from_slice(&python(broker, &args).stdout).unwrap();
+    out.as_object()
+        .unwrap()
+        .iter()
+        .map(|(q, v)| {
+            (
+                q.clone(),
+                (
+                    v["ready"].as_u64().unwrap(),
+                    v["reserved"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn as_map(samples: &[QueueSample]) -> BTreeMap<String, (u64, u64)> {
+    samples
+        .iter()
+        .map(|s| (s.name.clone(), (s.ready, s.reserved)))
+        .collect()
+}
+
+#[tokio::test]
+async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
+    let redis = Redis::start();
+    let url = redis.url();
+    // Two queues, one of them with prioritised tasks spread over kombu's priority lists.
+    python(&url, &["send.py", "emails", "5", "0", "30"]);
+    python(&url, &["send.py", "emails", "3", "6", "30"]);
+    python(&url, &["send.py", "emails", "2", "9", "30"]);
+    python(&url, &["send.py", "reports", "6", "0", "30"]);
+
+    let queues = vec!["emails".to_string(), "reports".to_string()];
+    let probe = RedisProbe::connect(&url, Layout::default()).await.unwrap();
+    let samples = probe.sample(&queues).await.unwrap();
+    assert_eq!(as_map(&samples), truth(&url, &["emails", "reports"]));
+    assert_eq!(samples[0].ready, 10);
+    let nonzero: Vec<_> = samples[0]
+        .by_priority
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(
+        nonzero.len() >= 2,
+        "priorities land in several lists: {:?}",
+        samples[0].by_priority
+    );
+
+    // A real worker with prefetch reserves tasks: one running (acks_late) and the prefetched.
+    let _worker = Worker::start(&url, "reports", 3);
+    let start = std::time::Instant::now();
+    while probe.sample(&queues).await.unwrap()[1].reserved < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the worker did not reserve tasks of `reports`"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let samples = probe.sample(&queues).await.unwrap();
+    let truth = truth(&url, &["emails", "reports"]);
+    assert_eq!(as_map(&samples), truth, "probe and kombu agree");
+    assert_eq!(samples[1].reserved, 3, "prefetch 3 x concurrency 1");
+    assert_eq!(samples[1].ready, 3);
+    assert_eq!(
+        samples[0],
+        QueueSample {
+            reserved: 0,
+            ..samples[0].clone()
+        }
+    );
+}
+
+#[tokio::test]
+async fn probe_of_a_stopped_broker_is_an_error_not_zero() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let probe = RedisProbe::connect(&url, Layout::default()).await.unwrap();
+    assert!(probe.sample(&["celery".into()]).await.is_ok());
+    drop(redis);
+    let err = probe.sample(&["celery".into()]).await.unwrap_err();
+    assert!(err.to_string().contains("broker unreachable"), "{err}");
+}
