@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kube::{Api, CustomResourceExt};
 use tracing_subscriber::EnvFilter;
 
+use celery_operator::broker::redis::{Layout as RedisLayout, RedisProbe};
 use celery_operator::crd::Celery;
 use celery_operator::leader::Elector;
 use celery_operator::metrics::Metrics;
@@ -43,6 +44,26 @@ enum Command {
         /// YAML files holding one or more Celery resources (`-` for standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Print, per queue, what the operator sees on a broker: messages ready (by priority
+    /// list) and reserved by workers.
+    Queues {
+        /// Broker URL (`redis://`, `rediss://`); read from CELERY_BROKER_URL when not given,
+        /// which keeps the password out of the shell history.
+        #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
+        broker: String,
+        /// Queues to read (default: Celery's default queue, `celery`).
+        #[arg(long = "queue", short = 'q')]
+        queues: Vec<String>,
+        /// kombu's `global_keyprefix` transport option.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// kombu's priority separator (`sep`).
+        #[arg(long, default_value = "\x06\x16")]
+        separator: String,
+        /// kombu's `priority_steps`.
+        #[arg(long, value_delimiter = ',', default_value = "0,3,6,9")]
+        priority_steps: Vec<u32>,
     },
     /// Check, run and pack WebAssembly plugins offline.
     #[command(subcommand)]
@@ -185,6 +206,20 @@ fn main() -> ExitCode {
         Command::Render { files } => render_files(&files),
         Command::Run(args) => run(args),
         Command::Plugin(command) => plugin(command),
+        Command::Queues {
+            broker,
+            queues,
+            prefix,
+            separator,
+            priority_steps,
+        } => {
+            let layout = RedisLayout {
+                prefix,
+                separator: separator.replace("\\x06", "\x06").replace("\\x16", "\x16"),
+                priority_steps,
+            };
+            print_queues(&broker, queues, layout)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,6 +251,42 @@ fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
         );
     }
     print!("{}", docs.join("---\n"));
+    Ok(())
+}
+
+fn print_queues(broker: &str, queues: Vec<String>, layout: RedisLayout) -> anyhow::Result<()> {
+    let queues = if queues.is_empty() {
+        vec!["celery".to_string()]
+    } else {
+        queues
+    };
+    if !(broker.starts_with("redis://") || broker.starts_with("rediss://")) {
+        anyhow::bail!("only redis:// and rediss:// brokers can be probed so far");
+    }
+    let samples = tokio::runtime::Runtime::new()?.block_on(async {
+        RedisProbe::connect(broker, layout)
+            .await?
+            .sample(&queues)
+            .await
+    })?;
+    println!(
+        "{:<24} {:>10} {:>10}  BY PRIORITY",
+        "QUEUE", "READY", "RESERVED"
+    );
+    for s in samples {
+        let by: Vec<String> = s
+            .by_priority
+            .iter()
+            .map(|(p, n)| format!("{p}:{n}"))
+            .collect();
+        println!(
+            "{:<24} {:>10} {:>10}  {}",
+            s.name,
+            s.ready,
+            s.reserved,
+            by.join(" ")
+        );
+    }
     Ok(())
 }
 

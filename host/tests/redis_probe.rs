@@ -97,3 +97,38 @@ async fn probe_of_a_stopped_broker_is_an_error_not_zero() {
     let err = probe.sample(&["celery".into()]).await.unwrap_err();
     assert!(err.to_string().contains("broker unreachable"), "{err}");
 }
+
+#[test]
+fn queues_command_prints_what_the_operator_sees() {
+    let redis = Redis::start();
+    let url = redis.url();
+    python(&url, &["send.py", "emails", "4", "0", "30"]);
+    python(&url, &["send.py", "emails", "1", "6", "30"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-operator"))
+        .args(["queues", "-q", "emails", "-q", "celery"])
+        .env("CELERY_BROKER_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][..3], ["emails", "5", "0"], "{text}");
+    assert_eq!(rows[1][..3], ["celery", "0", "0"], "{text}");
+    assert!(rows[0].contains(&"6:1"), "{text}");
+
+    drop(redis);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-operator"))
+        .args(["queues", "--broker", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broker unreachable"));
+}
