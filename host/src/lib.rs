@@ -18,6 +18,7 @@ pub mod quantity;
 pub mod rbac;
 pub mod reconcile;
 pub mod render;
+pub mod scaler;
 pub mod shape;
 pub mod status;
 pub mod validate;
