@@ -42,7 +42,11 @@ step "Helm chart"
 tests/chart/test.sh "$BIN"
 
 step "cargo test (plugins, native)"
-cargo test --quiet "${PLUGINS[@]}" --target-dir "$CELERY_PLUGINS_TARGET_DIR"
+cargo test --quiet "${PLUGINS[@]}" --target-dir "$CELERY_PLUGINS_TARGET_DIR" 2>&1 | tee "$OUT/tests.log"
 
 step "cargo test"
-cargo test --workspace
+cargo test --workspace 2>&1 | tee -a "$OUT/tests.log"
+
+# One closing line over every test binary (the last cargo line is a doc-test run with 0 tests).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$OUT/tests.log"
