@@ -460,6 +460,11 @@ pub struct Autoscaling {
     /// `queue-length` (the cluster default) or a custom plugin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaler: Option<PluginRef>,
+    /// How often the operator's own scaler samples the broker, in seconds (autoscaler
+    /// `operator`). Defaults to the cluster's `--poll-interval-seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub poll_interval_seconds: Option<u32>,
 }
 
 /// One autoscaling metric and its target.

@@ -174,6 +174,10 @@ struct RunArgs {
     scaler_failure_policy: FailurePolicy,
     #[command(flatten)]
     limits: LimitArgs,
+    /// How often the operator's own scaler samples a pool's broker, unless the pool sets
+    /// `autoscaling.pollIntervalSeconds`.
+    #[arg(long, env = "POLL_INTERVAL_SECONDS", default_value_t = 5)]
+    poll_interval_seconds: u64,
     /// Reconcile only while holding a Lease, so several replicas can run (one acts).
     #[arg(long, env = "LEADER_ELECT")]
     leader_elect: bool,
@@ -381,7 +385,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(elector)
             }
         };
-        let ctx = Arc::new(reconcile::Context::new(client.clone(), metrics, plugins, args.instance));
+        let mut context = reconcile::Context::new(client.clone(), metrics, plugins, args.instance);
+        context.poll_interval = Duration::from_secs(args.poll_interval_seconds.max(1));
+        let ctx = Arc::new(context);
         let lost = async {
             match &elector {
                 Some(e) => e.hold().await,

@@ -42,6 +42,9 @@ pub fn watched_namespaces() -> Vec<Rule> {
         rule(GROUP, &plural, &["list", "watch"]),
         rule(GROUP, &format!("{plural}/status"), &["patch"]),
         rule("events.k8s.io", "events", &["create"]),
+        // The operator's own scaler: the broker URL, and the replicas of the pools it scales.
+        rule("", "secrets", &["get"]),
+        rule("apps", "deployments/scale", &["get", "patch"]),
     ];
     for kind in ChildKind::ALL {
         let ar = kind.api_resource();

@@ -21,12 +21,15 @@ use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
 use crate::metrics::{Metrics, ReconcileLabels, WriteLabels};
 use crate::plugin::configmap;
+use crate::scaler::Scalers;
 use crate::shape::{self, Plugins};
 use crate::status::{self, DEGRADED, READY};
 use crate::validate::validate;
 
 /// Resync period: even without any event, every resource is checked for drift this often.
 const RESYNC: Duration = Duration::from_secs(300);
+/// Default broker poll interval of the operator's own scaler.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Retry delay after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(15);
 
@@ -54,6 +57,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The plugins and the cluster's choices of them.
     pub plugins: Arc<Plugins>,
+    /// The loops of the pools the operator scales itself.
+    pub scalers: Arc<Scalers>,
+    /// How often those loops sample the broker, unless a pool says otherwise.
+    pub poll_interval: Duration,
 }
 
 impl Context {
@@ -73,6 +80,8 @@ impl Context {
             client,
             metrics,
             plugins,
+            scalers: Arc::default(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
         }
     }
 }
@@ -106,7 +115,7 @@ enum Reconciled {
     Applied,
 }
 
-async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Context) -> Result<Reconciled, Error> {
+async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Reconciled, Error> {
     let ns = celery
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
@@ -205,6 +214,12 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Context) -> Result<Reconci
             Some((name.clone(), obj.clone().try_parse::<Deployment>().ok()?))
         })
         .collect();
+
+    // The pools the operator scales itself get their scaler loops (started, changed or
+    // stopped here, run on their own).
+    if outcome.failure.is_none() {
+        ctx.scalers.sync(ctx, celery);
+    }
 
     // Stage 5: status and Events.
     let new_status = status::compute(celery, &outcome, &now);
@@ -324,7 +339,7 @@ fn capitalize(s: &str) -> String {
 }
 
 /// Publishes an Event; failing to do so is logged, never fatal.
-async fn publish(
+pub(crate) async fn publish(
     ctx: &Context,
     celery: &Celery,
     type_: EventType,

@@ -8,14 +8,28 @@
 //! falls back to the built-in, per the failure policy); every decision is clamped to the
 //! pool's min/max.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+use crate::broker::redis::{Layout, RedisProbe};
 use crate::broker::{ProbeError, QueueSample};
-use crate::crd::{Autoscaling, MetricName};
+use crate::build::worker_name;
+use crate::crd::{Autoscaling, BrokerSpec, BrokerType, Celery, MetricName, WorkerPool};
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
 use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role};
 use crate::quantity;
+use crate::reconcile::{Context, publish};
 use crate::shape::Plugins;
+use crate::shape::{OPERATOR_AUTOSCALER, autoscaler_of};
 
 /// Samples kept per pool.
 pub const SAMPLE_WINDOW: usize = 30;
@@ -194,6 +208,188 @@ impl PoolScaler {
                 reason: decision.reason,
             }
         }
+    }
+}
+
+/// The scaler loops of every pool the operator scales itself, and one probe per broker.
+#[derive(Default)]
+pub struct Scalers {
+    /// Running loops by resource uid and pool, with the spec they run with.
+    loops: std::sync::Mutex<HashMap<(String, String), (String, AbortHandle)>>,
+    /// Probes by broker URL, shared by every pool of that broker.
+    probes: tokio::sync::Mutex<HashMap<String, RedisProbe>>,
+}
+
+impl Scalers {
+    /// Starts the loops `celery` needs, restarts those whose pool or broker changed and
+    /// stops those no longer wanted. Never blocks: each loop is its own task.
+    pub fn sync(self: &Arc<Self>, ctx: &Arc<Context>, celery: &Celery) {
+        let uid = celery.uid().unwrap_or_default();
+        let wanted: Vec<&WorkerPool> = celery
+            .spec
+            .workers
+            .iter()
+            .filter(|p| {
+                autoscaler_of(&ctx.plugins.config, p).is_some_and(|a| a.name == OPERATOR_AUTOSCALER)
+            })
+            .collect();
+        let mut loops = self.loops.lock().expect("loops lock");
+        loops.retain(|(u, pool), (_, handle)| {
+            let keep = *u != uid || wanted.iter().any(|p| &p.name == pool);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        for pool in wanted {
+            let key = (uid.clone(), pool.name.clone());
+            let fingerprint =
+                serde_json::to_string(&(pool, &celery.spec.broker)).expect("serializes");
+            match loops.get(&key) {
+                Some((running, _)) if *running == fingerprint => continue,
+                Some((_, handle)) => handle.abort(),
+                None => {}
+            }
+            let task = tokio::spawn(pool_loop(
+                self.clone(),
+                ctx.clone(),
+                celery.clone(),
+                pool.clone(),
+            ));
+            loops.insert(key, (fingerprint, task.abort_handle()));
+        }
+    }
+
+    /// The pool's queues on its broker; the broker URL is read from its Secret each time, so
+    /// a rotated password is picked up.
+    async fn sample(
+        &self,
+        secrets: &Api<Secret>,
+        broker: &BrokerSpec,
+        queues: &[String],
+    ) -> Result<Vec<QueueSample>, ProbeError> {
+        let secret_ref = &broker.secret_ref;
+        let secret = secrets.get(&secret_ref.name).await.map_err(|e| {
+            ProbeError::Broker(format!("cannot read Secret {}: {e}", secret_ref.name))
+        })?;
+        let url = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&secret_ref.key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .ok_or_else(|| {
+                ProbeError::Url(format!(
+                    "Secret {} has no key {}",
+                    secret_ref.name, secret_ref.key
+                ))
+            })?;
+        if broker.type_ == Some(BrokerType::Rabbitmq) || !url.starts_with("redis") {
+            return Err(ProbeError::Url(
+                "only Redis brokers are probed so far".into(),
+            ));
+        }
+        let probe = {
+            let mut probes = self.probes.lock().await;
+            match probes.get(&url) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = RedisProbe::connect(&url, Layout::default()).await?;
+                    probes.insert(url, p.clone());
+                    p
+                }
+            }
+        };
+        probe.sample(queues).await
+    }
+}
+
+/// Samples, decides and scales one pool every poll interval, until the loop is stopped or
+/// the resource is gone. Replicas change only through the Deployment's scale subresource.
+async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, pool: WorkerPool) {
+    let (ns, name) = (
+        celery.namespace().unwrap_or_default(),
+        worker_name(&celery, &pool.name),
+    );
+    let autoscaling = pool
+        .autoscaling
+        .clone()
+        .expect("only autoscaled pools get a loop");
+    let poll = autoscaling
+        .poll_interval_seconds
+        .map_or(ctx.poll_interval, |s| Duration::from_secs(s.into()));
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let celeries: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut state = PoolScaler::default();
+    let mut last_hold = None;
+    loop {
+        let current = match deployments.get_scale(&name).await {
+            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                if celeries
+                    .get_opt(&celery.name_any())
+                    .await
+                    .is_ok_and(|c| c.is_none())
+                {
+                    return;
+                }
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(%ns, deployment = %name, error = %e, "scaler cannot read the replicas");
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+        };
+        let probe = scalers
+            .sample(&secrets, &celery.spec.broker, &pool.queues)
+            .await;
+        let (plugins, spec, pool_name) =
+            (ctx.plugins.clone(), autoscaling.clone(), pool.name.clone());
+        let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+        let (returned, verdict) = tokio::task::spawn_blocking(move || {
+            let verdict = state.tick(&plugins, &pool_name, &spec, probe, current, now_ms);
+            (state, verdict)
+        })
+        .await
+        .expect("a scaler tick does not panic");
+        state = returned;
+        match verdict {
+            Verdict::Scale { from, to, reason } => {
+                let patch = Patch::Merge(serde_json::json!({"spec": {"replicas": to}}));
+                match deployments
+                    .patch_scale(&name, &PatchParams::default(), &patch)
+                    .await
+                {
+                    Ok(_) => {
+                        info!(%ns, deployment = %name, from, to, %reason, "scaled");
+                        let note =
+                            format!("Scaled pool {} from {from} to {to}: {reason}", pool.name);
+                        publish(&ctx, &celery, EventType::Normal, "Scaled", "Scale", note).await;
+                    }
+                    Err(e) => warn!(%ns, deployment = %name, error = %e, "scaling failed"),
+                }
+                last_hold = None;
+            }
+            Verdict::Hold { reason, .. } if last_hold.as_ref() != Some(&reason) => {
+                warn!(%ns, pool = %pool.name, %reason, "scaling held");
+                let note = format!("Pool {}: {reason}", pool.name);
+                publish(
+                    &ctx,
+                    &celery,
+                    EventType::Warning,
+                    "ScalingHeld",
+                    "Scale",
+                    note,
+                )
+                .await;
+                last_hold = Some(reason);
+            }
+            Verdict::Hold { .. } => {}
+            Verdict::Keep { .. } => last_hold = None,
+        }
+        tokio::time::sleep(poll).await;
     }
 }
 

@@ -3,6 +3,8 @@
 //! row see the results of the previous ones, and it records every request so the tests can
 //! assert exactly what was sent.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -52,6 +54,7 @@ const HPAS: &str = "/apis/autoscaling/v2/namespaces/apps/horizontalpodautoscaler
 const SCALED_OBJECTS: &str = "/apis/keda.sh/v1alpha1/namespaces/apps/scaledobjects";
 const TRIGGER_AUTHS: &str = "/apis/keda.sh/v1alpha1/namespaces/apps/triggerauthentications";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
+const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
 const LISTS: [&str; 7] = [
     DEPLOYMENTS,
     SERVICES,
@@ -131,6 +134,25 @@ impl FakeApi {
                 objects.insert(name, obj.clone());
                 (StatusCode::OK, obj)
             }
+            ("GET", Some(name), None) => match objects.get(&name) {
+                Some(obj) => (StatusCode::OK, obj.clone()),
+                None => status_body(StatusCode::NOT_FOUND, "NotFound", "no such object"),
+            },
+            ("GET" | "PATCH", Some(name), Some("scale")) => match objects.get_mut(&name) {
+                Some(obj) => {
+                    if let Some(replicas) = body.pointer("/spec/replicas") {
+                        obj["spec"]["replicas"] = replicas.clone();
+                    }
+                    let replicas = obj["spec"]["replicas"].clone();
+                    (
+                        StatusCode::OK,
+                        json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                               "metadata": {"name": name, "namespace": "apps"},
+                               "spec": {"replicas": replicas}, "status": {"replicas": replicas}}),
+                    )
+                }
+                None => status_body(StatusCode::NOT_FOUND, "NotFound", "no such object"),
+            },
             ("PATCH", Some(name), Some("status")) => match objects.get_mut(&name) {
                 Some(obj) => {
                     obj["status"] = body["status"].clone();
@@ -777,4 +799,103 @@ async fn rbac_rules_cover_every_request_and_every_child_verb_is_used() {
         "patch".into()
     )));
     assert!(used.contains(&("events.k8s.io".into(), "events".into(), "create".into())));
+}
+
+const QUEUE_SPEC: &str = r#"
+app: proj
+image: img
+broker: {type: redis, secretRef: {name: broker, key: url}}
+workers:
+  - name: jobs
+    queues: [jobs]
+    autoscaling:
+      minReplicas: 1
+      maxReplicas: 10
+      pollIntervalSeconds: 1
+      scaler: {name: queue-length, settings: {scaleDownStabilizationSeconds: 1}}
+      metrics: [{name: taskQueueLength, target: {type: AverageValue, averageValue: "5"}}]
+"#;
+
+fn replicas(fake: &FakeApi) -> i64 {
+    fake.get(DEPLOYMENTS, "demo-worker-jobs").unwrap()["spec"]["replicas"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The operator's own scaler end to end on a real Redis: a backlog scales the pool up through
+/// the Deployment's scale subresource, an empty queue brings it back to min after the
+/// stabilization window, and a stopped broker holds the replicas and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_scales_a_queue_length_pool_from_its_redis_backlog() {
+    let redis = support::Redis::start();
+    let (fake, ctx) = setup(QUEUE_SPEC).await;
+    let url = serde_json::to_value(k8s_openapi::ByteString(redis.url().into_bytes())).unwrap();
+    fake.put(SECRETS, json!({"apiVersion": "v1", "kind": "Secret",
+                             "metadata": {"name": "broker", "namespace": "apps"}, "data": {"url": url}}));
+    reconcile_once(&fake, &ctx).await.unwrap();
+    assert_eq!(replicas(&fake), 1);
+    assert!(
+        fake.get(HPAS, "demo-worker-jobs").is_none(),
+        "the operator scales it: no HPA"
+    );
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let backlog: Vec<String> = (0..40).map(|i| format!("task-{i}")).collect();
+    redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg(&backlog)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    wait_for(
+        "the backlog of 40 scales the pool to 8",
+        Duration::from_secs(10),
+        || replicas(&fake) == 8,
+    )
+    .await;
+
+    redis::cmd("DEL")
+        .arg("jobs")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    wait_for(
+        "the empty queue brings the pool back to min",
+        Duration::from_secs(10),
+        || replicas(&fake) == 1,
+    )
+    .await;
+
+    drop(redis);
+    wait_for("a ScalingHeld Event", Duration::from_secs(10), || {
+        let store = fake.0.lock().unwrap();
+        store
+            .objects
+            .get(EVENTS)
+            .is_some_and(|events| events.values().any(|e| e["reason"] == "ScalingHeld"))
+    })
+    .await;
+    assert_eq!(
+        replicas(&fake),
+        1,
+        "a missing metric never changes the replicas"
+    );
+    let scaled: Vec<_> = {
+        let store = fake.0.lock().unwrap();
+        store.objects[EVENTS]
+            .values()
+            .filter(|e| e["reason"] == "Scaled")
+            .map(|e| e["note"].clone())
+            .collect()
+    };
+    assert_eq!(scaled.len(), 2, "{scaled:?}");
 }
