@@ -240,7 +240,12 @@ fn print_crd() -> anyhow::Result<()> {
 }
 
 fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
-    let registry = Registry::with_builtins(Arc::new(Runtime::new(Limits::default())))?;
+    // Offline, a slow machine must not fail a render: a generous deadline.
+    let limits = Limits {
+        deadline: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let registry = Registry::with_builtins(Arc::new(Runtime::new(limits)))?;
     let plugins = Plugins::new(Arc::new(registry), PluginConfig::default());
     let mut docs = Vec::new();
     for file in files {

@@ -402,7 +402,11 @@ mod tests {
     use std::sync::Arc;
 
     fn plugins(policy: FailurePolicy) -> Plugins {
-        let registry = Registry::with_builtins(Arc::new(Runtime::new(Limits::default()))).unwrap();
+        let limits = Limits {
+            deadline: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let registry = Registry::with_builtins(Arc::new(Runtime::new(limits))).unwrap();
         let config = PluginConfig {
             scaler_failure: policy,
             ..PluginConfig::default()

@@ -293,7 +293,12 @@ fn celery_object(spec_yaml: &str, generation: i64) -> Value {
 /// The built-in plugins, compiled once for all tests.
 fn plugins() -> Arc<Plugins> {
     static REGISTRY: LazyLock<Arc<Registry>> = LazyLock::new(|| {
-        Arc::new(Registry::with_builtins(Arc::new(Runtime::new(Limits::default()))).unwrap())
+        // A generous deadline: an unoptimised build on a loaded machine.
+        let limits = Limits {
+            deadline: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        Arc::new(Registry::with_builtins(Arc::new(Runtime::new(limits))).unwrap())
     });
     Arc::new(Plugins::new(REGISTRY.clone(), PluginConfig::default()))
 }
