@@ -136,6 +136,8 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
         &plugin_file("business_hours"),
         "--world",
         "scaler-plugin",
+        "--plugin-timeout-ms",
+        "2000",
         "--input",
         "examples/plugins/inputs/scaler.json",
     ]);
@@ -154,6 +156,8 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
         &plugin_file("hpa"),
         "--world",
         "autoscaler-plugin",
+        "--plugin-timeout-ms",
+        "2000",
         "--input",
         "examples/plugins/inputs/autoscaler.json",
     ]);
@@ -166,6 +170,8 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
         &plugin_file("noop_shaper"),
         "--world",
         "shaper",
+        "--plugin-timeout-ms",
+        "2000",
         "--input",
         "examples/plugins/inputs/shaper.json",
     ]);
@@ -179,6 +185,8 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
         &plugin_file("hpa"),
         "--world",
         "scaler-plugin",
+        "--plugin-timeout-ms",
+        "2000",
         "--input",
         "examples/plugins/inputs/scaler.json",
     ]);
@@ -190,6 +198,8 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
         &plugin_file("hpa"),
         "--world",
         "autoscaler-plugin",
+        "--plugin-timeout-ms",
+        "2000",
         "--input",
         "examples/plugins/inputs/scaler.json",
     ]);
