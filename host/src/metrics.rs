@@ -29,6 +29,13 @@ pub struct PluginLoadLabels {
     pub result: &'static str,
 }
 
+/// One tick of the operator's own scaler.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScalerLabels {
+    /// `scale`, `keep` or `hold` (broker unreachable, plugin failed).
+    pub verdict: &'static str,
+}
+
 /// The operator's metrics and the registry that serves them.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +47,12 @@ pub struct Metrics {
     pub child_writes: Family<WriteLabels, Counter>,
     /// Plugin builds loaded from ConfigMaps, by result.
     pub plugin_loads: Family<PluginLoadLabels, Counter>,
+    /// Broker samples taken by the operator's own scaler.
+    pub scaler_samples: Counter,
+    /// Broker probes that failed (the replicas were held).
+    pub scaler_probe_errors: Counter,
+    /// Decisions of the operator's own scaler, by verdict.
+    pub scaler_decisions: Family<ScalerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,12 +82,33 @@ impl Default for Metrics {
             "Plugin builds loaded from ConfigMaps, by result",
             plugin_loads.clone(),
         );
+        let scaler_samples = Counter::default();
+        registry.register(
+            "scaler_samples",
+            "Broker samples taken by the operator's own scaler",
+            scaler_samples.clone(),
+        );
+        let scaler_probe_errors = Counter::default();
+        registry.register(
+            "scaler_probe_errors",
+            "Broker probes of the operator's own scaler that failed (replicas held)",
+            scaler_probe_errors.clone(),
+        );
+        let scaler_decisions = Family::<ScalerLabels, Counter>::default();
+        registry.register(
+            "scaler_decisions",
+            "Decisions of the operator's own scaler, by verdict",
+            scaler_decisions.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             reconcile_duration,
             child_writes,
             plugin_loads,
+            scaler_samples,
+            scaler_probe_errors,
+            scaler_decisions,
         }
     }
 }

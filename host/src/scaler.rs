@@ -24,6 +24,7 @@ use crate::broker::redis::{Layout, RedisProbe};
 use crate::broker::{ProbeError, QueueSample};
 use crate::build::worker_name;
 use crate::crd::{Autoscaling, BrokerSpec, BrokerType, Celery, MetricName, WorkerPool};
+use crate::metrics::ScalerLabels;
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
 use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role};
 use crate::quantity;
@@ -345,6 +346,10 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
         let probe = scalers
             .sample(&secrets, &celery.spec.broker, &pool.queues)
             .await;
+        match &probe {
+            Ok(_) => ctx.metrics.scaler_samples.inc(),
+            Err(_) => ctx.metrics.scaler_probe_errors.inc(),
+        };
         let (plugins, spec, pool_name) =
             (ctx.plugins.clone(), autoscaling.clone(), pool.name.clone());
         let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
@@ -355,6 +360,15 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
         .await
         .expect("a scaler tick does not panic");
         state = returned;
+        let label = match verdict {
+            Verdict::Scale { .. } => "scale",
+            Verdict::Keep { .. } => "keep",
+            Verdict::Hold { .. } => "hold",
+        };
+        ctx.metrics
+            .scaler_decisions
+            .get_or_create(&ScalerLabels { verdict: label })
+            .inc();
         match verdict {
             Verdict::Scale { from, to, reason } => {
                 let patch = Patch::Merge(serde_json::json!({"spec": {"replicas": to}}));

@@ -903,4 +903,17 @@ async fn the_operator_scales_a_queue_length_pool_from_its_redis_backlog() {
             .collect()
     };
     assert_eq!(scaled.len(), 2, "{scaled:?}");
+    let metrics = ctx.metrics.encode();
+    assert!(
+        metrics.contains("celery_operator_scaler_decisions_total{verdict=\"scale\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("celery_operator_scaler_decisions_total{verdict=\"hold\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("celery_operator_scaler_probe_errors_total 0\n"),
+        "{metrics}"
+    );
 }
