@@ -722,6 +722,19 @@ async fn switching_a_pool_from_hpa_to_keda_replaces_its_autoscaler_objects() {
     assert_eq!(status["plugins"][0]["name"], "keda");
 }
 
+/// What the RBAC rules derived from the code allow: (API group, resource, verb).
+fn allowed_requests() -> std::collections::BTreeSet<(String, String, String)> {
+    rbac::watched_namespaces()
+        .into_iter()
+        .flat_map(|r| {
+            let (g, res) = (r.api_groups[0].clone(), r.resources[0].clone());
+            r.verbs
+                .into_iter()
+                .map(move |v| (g.clone(), res.clone(), v))
+        })
+        .collect()
+}
+
 /// The requests the reconciler sends, as RBAC sees them: (API group, resource, verb).
 fn rbac_requests(sent: &[Sent]) -> std::collections::BTreeSet<(String, String, String)> {
     sent.iter()
@@ -775,15 +788,7 @@ async fn rbac_rules_cover_every_request_and_every_child_verb_is_used() {
     reconcile_once(&fake, &ctx).await.unwrap();
     sent.extend(fake.take_sent());
 
-    let allowed: std::collections::BTreeSet<(String, String, String)> = rbac::watched_namespaces()
-        .into_iter()
-        .flat_map(|r| {
-            let (g, res) = (r.api_groups[0].clone(), r.resources[0].clone());
-            r.verbs
-                .into_iter()
-                .map(move |v| (g.clone(), res.clone(), v))
-        })
-        .collect();
+    let allowed = allowed_requests();
     let used = rbac_requests(&sent);
     let uncovered: Vec<_> = used.difference(&allowed).collect();
     assert!(
@@ -915,5 +920,17 @@ async fn the_operator_scales_a_queue_length_pool_from_its_redis_backlog() {
     assert!(
         !metrics.contains("celery_operator_scaler_probe_errors_total 0\n"),
         "{metrics}"
+    );
+
+    // Every request of the scaler (Secret, scale subresource, Events) is allowed by the RBAC
+    // rules the chart grants.
+    let allowed = allowed_requests();
+    let used = rbac_requests(&fake.take_sent());
+    assert!(used.contains(&("apps".into(), "deployments/scale".into(), "patch".into())));
+    assert!(used.contains(&("".into(), "secrets".into(), "get".into())));
+    let uncovered: Vec<_> = used.difference(&allowed).collect();
+    assert!(
+        uncovered.is_empty(),
+        "requests the RBAC rules do not allow: {uncovered:?}"
     );
 }
