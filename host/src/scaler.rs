@@ -26,7 +26,7 @@ use crate::build::worker_name;
 use crate::crd::{Autoscaling, BrokerSpec, BrokerType, Celery, MetricName, WorkerPool};
 use crate::metrics::ScalerLabels;
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
-use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role};
+use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role, settings_text};
 use crate::quantity;
 use crate::reconcile::{Context, publish};
 use crate::shape::Plugins;
@@ -144,11 +144,12 @@ impl PoolScaler {
             target_per_replica: target,
             samples: self.samples.iter().cloned().collect(),
             history: self.history.iter().cloned().collect(),
-            settings: autoscaling
-                .scaler
-                .as_ref()
-                .and_then(|s| s.settings.as_ref())
-                .map_or_else(|| "{}".into(), ToString::to_string),
+            settings: settings_text(
+                autoscaling
+                    .scaler
+                    .as_ref()
+                    .and_then(|s| s.settings.as_ref()),
+            ),
         };
         let wanted = match &autoscaling.scaler {
             Some(s) => PluginRef {
@@ -261,47 +262,48 @@ impl Scalers {
         }
     }
 
-    /// The pool's queues on its broker; the broker URL is read from its Secret each time, so
-    /// a rotated password is picked up.
-    async fn sample(
-        &self,
-        secrets: &Api<Secret>,
-        broker: &BrokerSpec,
-        queues: &[String],
-    ) -> Result<Vec<QueueSample>, ProbeError> {
-        let secret_ref = &broker.secret_ref;
-        let secret = secrets.get(&secret_ref.name).await.map_err(|e| {
-            ProbeError::Broker(format!("cannot read Secret {}: {e}", secret_ref.name))
-        })?;
-        let url = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&secret_ref.key))
-            .and_then(|v| String::from_utf8(v.0.clone()).ok())
-            .ok_or_else(|| {
-                ProbeError::Url(format!(
-                    "Secret {} has no key {}",
-                    secret_ref.name, secret_ref.key
-                ))
-            })?;
-        if broker.type_ == Some(BrokerType::Rabbitmq) || !url.starts_with("redis") {
-            return Err(ProbeError::Url(
-                "only Redis brokers are probed so far".into(),
-            ));
-        }
+    /// The pool's queues on the broker at `url`, through the probe shared by every pool of
+    /// that broker.
+    async fn sample(&self, url: &str, queues: &[String]) -> Result<Vec<QueueSample>, ProbeError> {
         let probe = {
             let mut probes = self.probes.lock().await;
-            match probes.get(&url) {
+            match probes.get(url) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = RedisProbe::connect(&url, Layout::default()).await?;
-                    probes.insert(url, p.clone());
+                    let p = RedisProbe::connect(url, Layout::default()).await?;
+                    probes.insert(url.to_string(), p.clone());
                     p
                 }
             }
         };
         probe.sample(queues).await
     }
+}
+
+/// The broker URL from the broker's Secret.
+async fn broker_url(secrets: &Api<Secret>, broker: &BrokerSpec) -> Result<String, ProbeError> {
+    let secret_ref = &broker.secret_ref;
+    let secret = secrets
+        .get(&secret_ref.name)
+        .await
+        .map_err(|e| ProbeError::Broker(format!("cannot read Secret {}: {e}", secret_ref.name)))?;
+    let url = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&secret_ref.key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .ok_or_else(|| {
+            ProbeError::Url(format!(
+                "Secret {} has no key {}",
+                secret_ref.name, secret_ref.key
+            ))
+        })?;
+    if broker.type_ == Some(BrokerType::Rabbitmq) || !url.starts_with("redis") {
+        return Err(ProbeError::Url(
+            "only Redis brokers are probed so far".into(),
+        ));
+    }
+    Ok(url)
 }
 
 /// Samples, decides and scales one pool every poll interval, until the loop is stopped or
@@ -323,6 +325,9 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
     let celeries: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
     let mut state = PoolScaler::default();
     let mut last_hold = None;
+    // Read from the Secret when the loop starts and again after a failed probe (a rotated
+    // password shows up as one), not on every tick.
+    let mut url: Option<String> = None;
     loop {
         let current = match deployments.get_scale(&name).await {
             Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
@@ -343,9 +348,20 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
                 continue;
             }
         };
-        let probe = scalers
-            .sample(&secrets, &celery.spec.broker, &pool.queues)
-            .await;
+        let known = match url.take() {
+            Some(known) => Ok(known),
+            None => broker_url(&secrets, &celery.spec.broker).await,
+        };
+        let probe = match known {
+            Ok(known) => {
+                let sample = scalers.sample(&known, &pool.queues).await;
+                if sample.is_ok() {
+                    url = Some(known);
+                }
+                sample
+            }
+            Err(e) => Err(e),
+        };
         match &probe {
             Ok(_) => ctx.metrics.scaler_samples.inc(),
             Err(_) => ctx.metrics.scaler_probe_errors.inc(),

@@ -13,7 +13,9 @@ use crate::build::{self, labels};
 use crate::children::{Child, ChildKind};
 use crate::crd::{self, Celery, MetricName, PluginUse, WorkerPool};
 use crate::plugin::bindings::{autoscaler::PoolInput, shaper::ShapeInput};
-use crate::plugin::{FailurePolicy, PluginError, PluginRef, Registry, Resolved, Role};
+use crate::plugin::{
+    FailurePolicy, PluginError, PluginRef, Registry, Resolved, Role, settings_text,
+};
 
 /// The autoscaler name meaning "no objects: the operator's own scaler loop scales".
 pub const OPERATOR_AUTOSCALER: &str = "operator";
@@ -121,26 +123,16 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
     for pool in &celery.spec.workers {
         add_autoscaler_objects(plugins, celery, &celery_json, pool, &mut shaped)?;
     }
-    let chain = plugins.config.cluster_shapers.iter().cloned().chain(
-        celery
-            .spec
-            .plugins
-            .iter()
-            .flat_map(|p| &p.shapers)
-            .map(to_ref),
-    );
-    let settings_of = |name: &str| {
-        celery
-            .spec
-            .plugins
-            .iter()
-            .flat_map(|p| &p.shapers)
-            .find(|s| s.name == name)
-            .and_then(|s| s.settings.clone())
-            .unwrap_or_else(|| Value::Object(Default::default()))
-    };
-    for wanted in chain {
-        let settings = settings_of(&wanted.name);
+    // The cluster's shapers (no settings), then the resource's own, each with its settings.
+    let own = celery.spec.plugins.iter().flat_map(|p| &p.shapers);
+    let chain = (plugins
+        .config
+        .cluster_shapers
+        .iter()
+        .map(|r| (r.clone(), None)))
+    .chain(own.map(|s| (to_ref(s), s.settings.as_ref())));
+    for (wanted, settings) in chain {
+        let settings = settings_text(settings);
         let result = plugins
             .registry
             .resolve(Role::Shaper, &wanted)
@@ -149,7 +141,7 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
                     &plugins.registry,
                     &r,
                     &celery_json,
-                    &settings,
+                    settings,
                     &shaped.children,
                 )
                 .map(|c| (r, c))
@@ -253,11 +245,12 @@ fn add_autoscaler_objects(
         deployment: build::worker_name(celery, &pool.name),
         autoscaling: serde_json::to_string(autoscaling).expect("serializes"),
         queues: pool.queues.clone(),
-        settings: autoscaling
-            .autoscaler
-            .as_ref()
-            .and_then(|a| a.settings.as_ref())
-            .map_or_else(|| "{}".into(), Value::to_string),
+        settings: settings_text(
+            autoscaling
+                .autoscaler
+                .as_ref()
+                .and_then(|a| a.settings.as_ref()),
+        ),
     };
     let target = format!("pool {}", pool.name);
     let key = (celery.uid().unwrap_or_default(), pool.name.clone());
@@ -361,13 +354,13 @@ fn run_shaper(
     registry: &Registry,
     resolved: &Resolved,
     celery_json: &str,
-    settings: &Value,
+    settings: String,
     children: &[Child],
 ) -> Result<Vec<Child>, PluginError> {
     let input = ShapeInput {
         celery: celery_json.into(),
         objects: children.iter().map(|c| c.object.to_string()).collect(),
-        settings: settings.to_string(),
+        settings,
     };
     let out = registry.runtime().shape(&resolved.plugin, &input)?;
     out.iter()

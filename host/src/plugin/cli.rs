@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::bindings::{autoscaler, scaler, shaper};
 use super::configmap::{PLUGIN_LABEL, WASM_GZ_KEY, WASM_KEY};
-use super::{Limits, Plugin, PluginError, Role, Runtime, WIT_PACKAGE};
+use super::{Limits, Plugin, PluginError, Role, Runtime, WIT_PACKAGE, settings_text};
 
 /// Largest component `pack` writes into a ConfigMap: Kubernetes stores at most about 1 MiB
 /// per object, and binaryData is base64 (4/3 larger) inside it.
@@ -119,10 +119,6 @@ struct RecommendationFile {
     replicas: u32,
 }
 
-fn settings(v: Option<Value>) -> String {
-    v.unwrap_or_else(|| json!({})).to_string()
-}
-
 /// Why `plugin run` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -166,7 +162,7 @@ pub fn run(
             let input = shaper::ShapeInput {
                 celery: f.celery.to_string(),
                 objects: f.objects.iter().map(Value::to_string).collect(),
-                settings: settings(f.settings),
+                settings: settings_text(f.settings.as_ref()),
             };
             start = Instant::now();
             objects_json(runtime.shape(&plugin, &input)?)
@@ -179,7 +175,7 @@ pub fn run(
                 deployment: f.deployment,
                 autoscaling: f.autoscaling.to_string(),
                 queues: f.queues,
-                settings: settings(f.settings),
+                settings: settings_text(f.settings.as_ref()),
             };
             start = Instant::now();
             objects_json(runtime.autoscaler_objects(&plugin, &input)?)
@@ -217,7 +213,7 @@ pub fn run(
                         replicas: h.replicas,
                     })
                     .collect(),
-                settings: settings(f.settings),
+                settings: settings_text(f.settings.as_ref()),
             };
             start = Instant::now();
             let d = runtime.decide(&plugin, &input)?;

@@ -19,6 +19,11 @@ pub const WIT_PACKAGE: &str = "celery:operator";
 /// The versions of [`WIT_PACKAGE`] this operator serves.
 pub const WIT_VERSIONS_SERVED: &[&str] = &["0.1.0"];
 
+/// Plugin settings as the JSON object text the WIT expects (`{}` when there are none).
+pub fn settings_text(settings: Option<&serde_json::Value>) -> String {
+    settings.map_or_else(|| "{}".into(), ToString::to_string)
+}
+
 /// What a plugin is used for; one per WIT interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
