@@ -128,19 +128,28 @@ fn plugin_check_reports_world_version_size_and_digest() {
     assert!(err.contains("speaks celery:operator@0.2.0"), "{err}");
 }
 
-#[test]
-fn plugin_run_calls_each_world_on_the_example_inputs() {
-    let out = operator(&[
+/// `plugin run` with a deadline that a loaded machine running a debug build cannot miss.
+fn plugin_run(file: &str, world: &str, input: &str) -> std::process::Output {
+    operator(&[
         "plugin",
         "run",
-        &plugin_file("business_hours"),
+        file,
         "--world",
-        "scaler-plugin",
+        world,
         "--plugin-timeout-ms",
         "2000",
         "--input",
+        input,
+    ])
+}
+
+#[test]
+fn plugin_run_calls_each_world_on_the_example_inputs() {
+    let out = plugin_run(
+        &plugin_file("business_hours"),
+        "scaler-plugin",
         "examples/plugins/inputs/scaler.json",
-    ]);
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -150,59 +159,35 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
     assert_eq!(decision["replicas"], 8, "{decision}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("call took"));
 
-    let out = operator(&[
-        "plugin",
-        "run",
+    let out = plugin_run(
         &plugin_file("hpa"),
-        "--world",
         "autoscaler-plugin",
-        "--plugin-timeout-ms",
-        "2000",
-        "--input",
         "examples/plugins/inputs/autoscaler.json",
-    ]);
+    );
     let objects: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(objects[0]["kind"], "HorizontalPodAutoscaler");
 
-    let out = operator(&[
-        "plugin",
-        "run",
+    let out = plugin_run(
         &plugin_file("noop_shaper"),
-        "--world",
         "shaper",
-        "--plugin-timeout-ms",
-        "2000",
-        "--input",
         "examples/plugins/inputs/shaper.json",
-    ]);
+    );
     let objects: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(objects[0]["metadata"]["name"], "shop-worker-images");
 
     // A world the plugin does not implement, and an input that does not fit.
-    let out = operator(&[
-        "plugin",
-        "run",
+    let out = plugin_run(
         &plugin_file("hpa"),
-        "--world",
         "scaler-plugin",
-        "--plugin-timeout-ms",
-        "2000",
-        "--input",
         "examples/plugins/inputs/scaler.json",
-    ]);
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not scaler"));
-    let out = operator(&[
-        "plugin",
-        "run",
+    let out = plugin_run(
         &plugin_file("hpa"),
-        "--world",
         "autoscaler-plugin",
-        "--plugin-timeout-ms",
-        "2000",
-        "--input",
         "examples/plugins/inputs/scaler.json",
-    ]);
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("does not fit the autoscaler-plugin world")

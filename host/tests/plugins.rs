@@ -225,13 +225,7 @@ type Call<'a> = dyn Fn() -> Result<(), PluginError> + 'a;
 /// plugin still works right after.
 #[test]
 fn hostile_plugins_fail_cleanly_and_good_ones_keep_working() {
-    // A deadline generous enough that filling 32 MiB finishes first even on a loaded machine
-    // running an unoptimised build; the loop still runs into it.
-    let rt = Runtime::new(Limits {
-        deadline: Duration::from_secs(1),
-        memory_bytes: 32 << 20,
-        output_bytes: 1 << 20,
-    });
+    let rt = runtime();
     let hostile = rt.load(&fixture("hostile")).unwrap();
     let good = rt.load(builtin::QUEUE_LENGTH).unwrap();
     let is_timeout = |e: &PluginError| matches!(e, PluginError::Timeout(_));

@@ -80,12 +80,6 @@ pub fn horizontal_pod_autoscaler(input: &PoolInput) -> Result<Value, String> {
                 .into(),
         );
     }
-    if a.max_replicas < a.min_replicas {
-        return Err(format!(
-            "autoscaling.maxReplicas: {} is below minReplicas {}",
-            a.max_replicas, a.min_replicas
-        ));
-    }
     if a.metrics.is_empty() {
         return Err("autoscaling.metrics: at least one cpu or memory metric is needed".into());
     }

@@ -211,12 +211,6 @@ fn broker_of(celery: &str) -> Result<(Broker, BrokerType), String> {
 pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
     let settings: Settings = parse_settings(&input.settings)?;
     let a = Autoscaling::parse(&input.autoscaling)?;
-    if a.max_replicas < a.min_replicas {
-        return Err(format!(
-            "autoscaling.maxReplicas: {} is below minReplicas {}",
-            a.max_replicas, a.min_replicas
-        ));
-    }
     if a.metrics.is_empty() {
         return Err("autoscaling.metrics: at least one metric is needed".into());
     }

@@ -24,10 +24,17 @@ pub struct Autoscaling {
 }
 
 impl Autoscaling {
-    /// Parses the `autoscaling` JSON; errors name the offending field
+    /// Parses the `autoscaling` JSON and checks its bounds; errors name the offending field
     /// (`autoscaling.metrics[0].target: ...`).
     pub fn parse(text: &str) -> Result<Self, String> {
-        parse_json_at("autoscaling", text)
+        let a: Self = parse_json_at("autoscaling", text)?;
+        if a.max_replicas < a.min_replicas {
+            return Err(format!(
+                "autoscaling.maxReplicas: {} is below minReplicas {}",
+                a.max_replicas, a.min_replicas
+            ));
+        }
+        Ok(a)
     }
 }
 
