@@ -50,6 +50,8 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 # A real Redis for the broker-probe tests (started by the tests themselves on 127.0.0.1).
 command -v redis-server >/dev/null || apt_install redis-server
+# And a real RabbitMQ with its management plugin (Debian ships the plugin in the package).
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || apt_install rabbitmq-server
 
 # Python tools, in a virtualenv keyed by the requirements file so a change reinstalls.
 stamp="$VENV/.requirements.sha256"

@@ -168,6 +168,46 @@ pub struct BrokerSpec {
     /// itself is never read into the resource).
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub type_: Option<BrokerType>,
+    /// How the app's kombu Redis transport names its keys, when its
+    /// `broker_transport_options` change the defaults. The queue-length scaler needs this to
+    /// find the queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisTransport>,
+    /// Where the queue-length scaler reads a RabbitMQ broker's queue lengths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitmqAccess>,
+}
+
+/// kombu Redis transport options (Celery's `broker_transport_options`) that change where
+/// tasks are stored. Omitted fields keep kombu's defaults.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisTransport {
+    /// kombu's `global_keyprefix`: a prefix of every key (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub global_keyprefix: Option<String>,
+    /// kombu's `sep`: between a queue's name and its priority step (default `"\x06\x16"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub sep: Option<String>,
+    /// kombu's `priority_steps` (default `[0, 3, 6, 9]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub priority_steps: Option<Vec<u32>>,
+}
+
+/// How to reach RabbitMQ's management HTTP API.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitmqAccess {
+    /// Base URL of the management API, for example `https://rabbitmq.example.com:15671`.
+    /// Default: the broker's host on port 15672 (`http`), or 15671 (`https`) for
+    /// `amqps://`. Credentials and virtual host come from the broker URL in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^@]+$')").message("managementUrl must be an http(s) URL without credentials"))]
+    #[schemars(length(max = 2048))]
+    pub management_url: Option<String>,
 }
 
 /// Kind of message broker.

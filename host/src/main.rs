@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kube::{Api, CustomResourceExt};
 use tracing_subscriber::EnvFilter;
 
-use celery_operator::broker::redis::{Layout as RedisLayout, RedisProbe};
+use celery_operator::broker::Probe;
+use celery_operator::broker::redis::Layout as RedisLayout;
 use celery_operator::crd::Celery;
 use celery_operator::leader::Elector;
 use celery_operator::metrics::Metrics;
@@ -48,8 +49,9 @@ enum Command {
     /// Print, per queue, what the operator sees on a broker: messages ready (by priority
     /// list) and reserved by workers.
     Queues {
-        /// Broker URL (`redis://`, `rediss://`); read from CELERY_BROKER_URL when not given,
-        /// which keeps the password out of the shell history.
+        /// Broker URL (`redis://`, `rediss://`, `amqp://`, `amqps://`); read from
+        /// CELERY_BROKER_URL when not given, which keeps the password out of the shell
+        /// history.
         #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
         broker: String,
         /// Queues to read (default: Celery's default queue, `celery`).
@@ -64,6 +66,10 @@ enum Command {
         /// kombu's `priority_steps`.
         #[arg(long, value_delimiter = ',', default_value = "0,3,6,9")]
         priority_steps: Vec<u32>,
+        /// RabbitMQ: base URL of the management API (default: the broker's host, port 15672,
+        /// or 15671 for amqps://).
+        #[arg(long)]
+        management_url: Option<String>,
     },
     /// Check, run and pack WebAssembly plugins offline.
     #[command(subcommand)]
@@ -216,13 +222,14 @@ fn main() -> ExitCode {
             prefix,
             separator,
             priority_steps,
+            management_url,
         } => {
             let layout = RedisLayout {
                 prefix,
                 separator: separator.replace("\\x06", "\x06").replace("\\x16", "\x16"),
                 priority_steps,
             };
-            print_queues(&broker, queues, layout)
+            print_queues(&broker, queues, layout, management_url.as_deref())
         }
     };
     match result {
@@ -263,17 +270,19 @@ fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_queues(broker: &str, queues: Vec<String>, layout: RedisLayout) -> anyhow::Result<()> {
+fn print_queues(
+    broker: &str,
+    queues: Vec<String>,
+    layout: RedisLayout,
+    management_url: Option<&str>,
+) -> anyhow::Result<()> {
     let queues = if queues.is_empty() {
         vec!["celery".to_string()]
     } else {
         queues
     };
-    if !(broker.starts_with("redis://") || broker.starts_with("rediss://")) {
-        anyhow::bail!("only redis:// and rediss:// brokers can be probed so far");
-    }
     let samples = tokio::runtime::Runtime::new()?.block_on(async {
-        RedisProbe::connect(broker, layout)
+        Probe::connect(broker, None, layout, management_url)
             .await?
             .sample(&queues)
             .await

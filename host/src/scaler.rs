@@ -20,10 +20,9 @@ use kube::runtime::events::EventType;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
-use crate::broker::redis::{Layout, RedisProbe};
-use crate::broker::{ProbeError, QueueSample};
+use crate::broker::{Probe, ProbeError, QueueSample};
 use crate::build::worker_name;
-use crate::crd::{Autoscaling, BrokerSpec, BrokerType, Celery, MetricName, WorkerPool};
+use crate::crd::{Autoscaling, BrokerSpec, Celery, MetricName, WorkerPool};
 use crate::metrics::ScalerLabels;
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
 use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role, settings_text};
@@ -218,8 +217,8 @@ impl PoolScaler {
 pub struct Scalers {
     /// Running loops by resource uid and pool, with the spec they run with.
     loops: std::sync::Mutex<HashMap<(String, String), (String, AbortHandle)>>,
-    /// Probes by broker URL, shared by every pool of that broker.
-    probes: tokio::sync::Mutex<HashMap<String, RedisProbe>>,
+    /// Probes by broker URL and settings, shared by every pool of that broker.
+    probes: tokio::sync::Mutex<HashMap<String, Probe>>,
 }
 
 impl Scalers {
@@ -264,14 +263,24 @@ impl Scalers {
 
     /// The pool's queues on the broker at `url`, through the probe shared by every pool of
     /// that broker.
-    async fn sample(&self, url: &str, queues: &[String]) -> Result<Vec<QueueSample>, ProbeError> {
+    async fn sample(
+        &self,
+        url: &str,
+        broker: &BrokerSpec,
+        queues: &[String],
+    ) -> Result<Vec<QueueSample>, ProbeError> {
+        let key = format!(
+            "{url} {}",
+            serde_json::to_string(&(&broker.type_, &broker.redis, &broker.rabbitmq))
+                .expect("serializes")
+        );
         let probe = {
             let mut probes = self.probes.lock().await;
-            match probes.get(url) {
+            match probes.get(&key) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = RedisProbe::connect(url, Layout::default()).await?;
-                    probes.insert(url.to_string(), p.clone());
+                    let p = Probe::for_broker(url, broker).await?;
+                    probes.insert(key, p.clone());
                     p
                 }
             }
@@ -298,11 +307,6 @@ async fn broker_url(secrets: &Api<Secret>, broker: &BrokerSpec) -> Result<String
                 secret_ref.name, secret_ref.key
             ))
         })?;
-    if broker.type_ == Some(BrokerType::Rabbitmq) || !url.starts_with("redis") {
-        return Err(ProbeError::Url(
-            "only Redis brokers are probed so far".into(),
-        ));
-    }
     Ok(url)
 }
 
@@ -354,7 +358,9 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
         };
         let probe = match known {
             Ok(known) => {
-                let sample = scalers.sample(&known, &pool.queues).await;
+                let sample = scalers
+                    .sample(&known, &celery.spec.broker, &pool.queues)
+                    .await;
                 if sample.is_ok() {
                     url = Some(known);
                 }

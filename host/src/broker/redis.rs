@@ -44,6 +44,17 @@ impl Default for Layout {
     }
 }
 
+impl From<crate::crd::RedisTransport> for Layout {
+    fn from(t: crate::crd::RedisTransport) -> Self {
+        let default = Layout::default();
+        Layout {
+            prefix: t.global_keyprefix.unwrap_or(default.prefix),
+            separator: t.sep.unwrap_or(default.separator),
+            priority_steps: t.priority_steps.unwrap_or(default.priority_steps),
+        }
+    }
+}
+
 impl Layout {
     /// The lists holding `queue`'s waiting messages, one per priority step.
     pub fn list_keys(&self, queue: &str) -> Vec<(u32, String)> {

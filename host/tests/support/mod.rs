@@ -91,6 +91,150 @@ impl Drop for Redis {
     }
 }
 
+/// A RabbitMQ node with its management plugin, on 127.0.0.1 only: AMQP, management,
+/// Erlang distribution and its own `epmd` on free ports, data, logs and the Erlang cookie
+/// in a temporary directory. The node and its epmd are killed when dropped.
+pub struct Rabbitmq {
+    pub amqp_port: u16,
+    pub management_port: u16,
+    epmd_port: u16,
+    node: String,
+    dir: tempdir::Dir,
+    epmd: Child,
+    server: Child,
+}
+
+/// Where Debian's `rabbitmq-server` package puts the scripts that run without switching to
+/// the `rabbitmq` user.
+const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+
+impl Rabbitmq {
+    pub fn start() -> Rabbitmq {
+        let server = Path::new(RABBITMQ_BIN).join("rabbitmq-server");
+        assert!(
+            server.exists(),
+            "rabbitmq-server is missing: run scripts/setup.sh (or scripts/test.sh), which installs it"
+        );
+        let dir = tempdir::Dir::new("rabbitmq");
+        let (amqp_port, management_port) = (free_port(), free_port());
+        let (dist_port, epmd_port) = (free_port(), free_port());
+        let node = format!("test{amqp_port}@localhost");
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
+                 management.tcp.ip = 127.0.0.1\n\
+                 management.tcp.port = {management_port}\n\
+                 loopback_users = none\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("enabled_plugins"),
+            "[rabbitmq_management].\n",
+        )
+        .unwrap();
+        // Our own epmd, as a child, so that nothing is left running after the test.
+        let epmd = Command::new("epmd")
+            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("epmd starts");
+        let mut command = Command::new(&server);
+        command
+            .envs(Self::env(dir.path(), &node, epmd_port))
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_CONFIG_FILE", dir.path().join("rabbitmq.conf"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                dir.path().join("enabled_plugins"),
+            )
+            .env("RABBITMQ_MNESIA_BASE", dir.path().join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.path().join("log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Its own process group: the script, the Erlang VM and its helpers stop together.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let server = command.spawn().expect("rabbitmq-server starts");
+        let rabbit = Rabbitmq {
+            amqp_port,
+            management_port,
+            epmd_port,
+            node,
+            dir,
+            epmd,
+            server,
+        };
+        wait_until(
+            Duration::from_secs(60),
+            "RabbitMQ's management API answers",
+            || rabbit.management_ready(),
+        );
+        rabbit
+    }
+
+    /// What every RabbitMQ tool needs to find this node.
+    fn env(dir: &Path, node: &str, epmd_port: u16) -> Vec<(&'static str, String)> {
+        vec![
+            ("HOME", dir.display().to_string()),
+            ("RABBITMQ_NODENAME", node.to_string()),
+            ("RABBITMQ_CONF_ENV_FILE", "/dev/null".into()),
+            ("ERL_EPMD_PORT", epmd_port.to_string()),
+            ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
+        ]
+    }
+
+    fn management_ready(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.management_port)) else {
+            return false;
+        };
+        // guest:guest
+        let request = "GET /api/overview HTTP/1.0\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n\r\n";
+        let mut answer = String::new();
+        s.write_all(request.as_bytes()).is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer.starts_with("HTTP/1.1 200")
+    }
+
+    /// The broker URL (default virtual host, user guest).
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}//", self.amqp_port)
+    }
+
+    /// The management API's base URL.
+    pub fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.management_port)
+    }
+
+    /// Runs `rabbitmqctl` against this node: an independent view of its queues, through
+    /// Erlang distribution rather than the management API.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(Path::new(RABBITMQ_BIN).join("rabbitmqctl"))
+            .args(args)
+            .envs(Self::env(self.dir.path(), &self.node, self.epmd_port))
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Rabbitmq {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.server.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.server.wait();
+        let _ = self.epmd.kill();
+        let _ = self.epmd.wait();
+    }
+}
+
 /// Runs a script of the test Celery app with `python3` against `broker`.
 pub fn python(broker: &str, args: &[&str]) -> Output {
     require(

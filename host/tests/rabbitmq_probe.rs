@@ -1,0 +1,149 @@
+//! The RabbitMQ probe against a real RabbitMQ node with its management plugin, filled by the
+//! real Celery client and drained by a real Celery worker. Ground truth is `rabbitmqctl
+//! list_queues`, which asks the node over Erlang distribution, not the management API.
+//! One node serves every check of this file: it takes seconds to start.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use celery_operator::broker::QueueSample;
+use celery_operator::broker::rabbitmq::RabbitProbe;
+use support::{Rabbitmq, Worker, python};
+
+/// `rabbitmqctl`'s view: queue -> (ready, unacknowledged), for `queues` only.
+fn truth(rabbit: &Rabbitmq, queues: &[String]) -> BTreeMap<String, (u64, u64)> {
+    let out = rabbit.ctl(&[
+        "-q",
+        "--formatter",
+        "json",
+        "list_queues",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let mut truth: BTreeMap<String, (u64, u64)> =
+        queues.iter().map(|q| (q.clone(), (0, 0))).collect();
+    for q in listed {
+        if let Some(counts) = truth.get_mut(q["name"].as_str().unwrap()) {
+            *counts = (
+                q["messages_ready"].as_u64().unwrap(),
+                q["messages_unacknowledged"].as_u64().unwrap(),
+            );
+        }
+    }
+    truth
+}
+
+fn as_map(samples: &[QueueSample]) -> BTreeMap<String, (u64, u64)> {
+    samples
+        .iter()
+        .map(|s| (s.name.clone(), (s.ready, s.reserved)))
+        .collect()
+}
+
+#[tokio::test]
+async fn probe_reads_ready_and_unacknowledged_like_rabbitmqctl() {
+    let rabbit = Rabbitmq::start();
+    let url = rabbit.url();
+    python(&url, &["send.py", "emails", "5", "0", "30"]);
+    python(&url, &["send.py", "emails", "3", "9", "30"]);
+    python(&url, &["send.py", "reports", "4", "0", "30"]);
+    let queues: Vec<String> = ["emails", "reports", "never-declared"]
+        .map(String::from)
+        .to_vec();
+
+    // The management API's address is derived from the broker URL by default; here the
+    // ports are not the standard ones, so it is given.
+    let probe = RabbitProbe::new(&url, Some(&rabbit.management_url())).unwrap();
+    let samples = probe.sample(&queues).await.unwrap();
+    assert_eq!(
+        as_map(&samples),
+        BTreeMap::from([
+            ("emails".into(), (8, 0)),
+            ("reports".into(), (4, 0)),
+            ("never-declared".into(), (0, 0)),
+        ])
+    );
+    assert_eq!(as_map(&samples), truth(&rabbit, &queues));
+
+    // A real worker (concurrency 1, prefetch 3, acks_late) holds 3 messages unacknowledged,
+    // spread over its two queues however RabbitMQ delivers them.
+    let _worker = Worker::start(&url, "emails,reports", 3);
+    let start = Instant::now();
+    loop {
+        let samples = probe.sample(&queues).await.unwrap();
+        if samples.iter().map(|s| s.reserved).sum::<u64>() == 3 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the worker did not reserve 3 messages: {samples:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let samples = probe.sample(&queues).await.unwrap();
+    assert_eq!(
+        as_map(&samples),
+        truth(&rabbit, &queues),
+        "probe and rabbitmqctl agree"
+    );
+    assert_eq!(
+        samples.iter().map(|s| s.ready + s.reserved).sum::<u64>(),
+        12
+    );
+
+    // Wrong credentials and an unknown virtual host are errors, never zeros.
+    let port = rabbit.amqp_port;
+    let management = rabbit.management_url();
+    let wrong = format!("amqp://guest:wrong@127.0.0.1:{port}//");
+    let err = RabbitProbe::new(&wrong, Some(&management))
+        .unwrap()
+        .sample(&queues)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("401") && !err.contains("wrong"), "{err}");
+    let elsewhere = format!("amqp://guest:guest@127.0.0.1:{port}/nowhere");
+    let err = RabbitProbe::new(&elsewhere, Some(&management))
+        .unwrap()
+        .sample(&queues)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no virtual host nowhere"), "{err}");
+
+    // The `queues` command prints the same numbers.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-operator"))
+        .args(["queues", "-q", "emails", "-q", "reports"])
+        .args(["--management-url", &management])
+        .env("CELERY_BROKER_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let printed: BTreeMap<String, (u64, u64)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].to_string(),
+                (f[1].parse().unwrap(), f[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    let two = &queues[..2];
+    assert_eq!(printed, truth(&rabbit, two), "{text}");
+
+    // A stopped broker is an error too.
+    drop(rabbit);
+    let err = probe.sample(&queues).await.unwrap_err().to_string();
+    assert!(err.contains("broker unreachable"), "{err}");
+}
