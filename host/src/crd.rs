@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, EnvFromSource, EnvVar, LocalObjectReference, PodSecurityContext, Probe,
     ResourceRequirements, SecurityContext, Toleration, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -707,6 +707,48 @@ pub struct CeleryStatus {
     /// The plugins that shaped this resource's objects or produced its autoscalers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<PluginUse>,
+    /// The operator's own queue-length scaler: one entry per pool it scales, written by that
+    /// pool's scaler loop (field manager `celery-operator-scaler.<pool>`) when its decision or
+    /// condition changes, and at most every 30 seconds to refresh the queue figures.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pool"]))]
+    pub scaling: Vec<PoolScaling>,
+}
+
+/// What the operator's queue-length scaler last saw and decided for one pool.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolScaling {
+    /// Pool name.
+    pub pool: String,
+    /// Tasks waiting in the pool's queues, over every priority level (unset when the broker
+    /// could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<i64>,
+    /// Tasks delivered to workers and not acknowledged yet: prefetched, or running with
+    /// `acks_late` (unset when the broker could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<i64>,
+    /// Replicas of the pool's Deployment when the decision was made.
+    pub current_replicas: i32,
+    /// Replicas the scaler wants (after the min/max clamp and stabilization window).
+    pub desired_replicas: i32,
+    /// The last decision: `Scale`, `Keep` or `Hold`.
+    pub last_decision: String,
+    /// Why, in the scaling-decision plugin's words (or the reason for holding).
+    pub reason: String,
+    /// The plugin that decided, as `<name> <sha256 digest>` (unset when none could).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+    /// When the last decision was made.
+    pub last_decision_time: Time,
+    /// When the scaler last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// `ScalingActive`: True while the broker is read and decisions are made; False, with
+    /// reason `BrokerUnavailable`, `ScalerFailed` or `NoTarget`, while replicas are held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// One use of a plugin in the last reconcile.

@@ -269,9 +269,16 @@ fn is_true(status: Option<&CeleryStatus>) -> bool {
 async fn write_status(
     api: &Api<Celery>,
     celery: &Celery,
-    status: CeleryStatus,
+    mut status: CeleryStatus,
 ) -> Result<(), Error> {
-    if celery.status.as_ref() == Some(&status) {
+    // `scaling` belongs to the scaler loops (their own field managers): neither compared nor
+    // applied here, so this apply leaves their entries alone.
+    status.scaling.clear();
+    let live = celery.status.clone().map(|mut s| {
+        s.scaling.clear();
+        s
+    });
+    if live.as_ref() == Some(&status) {
         return Ok(());
     }
     // Server-side apply replaces exactly the fields we own, including removing ones that

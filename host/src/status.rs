@@ -173,6 +173,8 @@ pub fn compute(celery: &Celery, outcome: &Outcome, now: &Time) -> CeleryStatus {
         flower,
         beat,
         plugins: outcome.plugins.clone(),
+        // Owned by the scaler loops, which write it themselves.
+        scaling: Vec::new(),
     }
 }
 
@@ -239,7 +241,7 @@ fn rollout_failure(d: &Deployment) -> Option<String> {
 }
 
 /// A condition, keeping the previous transition time when its status did not change.
-fn condition(
+pub(crate) fn condition(
     old: &[Condition],
     type_: &str,
     ok: bool,

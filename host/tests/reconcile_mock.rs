@@ -155,7 +155,32 @@ impl FakeApi {
             },
             ("PATCH", Some(name), Some("status")) => match objects.get_mut(&name) {
                 Some(obj) => {
-                    obj["status"] = body["status"].clone();
+                    // Server-side apply by two kinds of field manager, as the operator uses
+                    // it: the reconciler owns everything but `scaling`; each scaler loop owns
+                    // its pool's `scaling` entry (a list map keyed by `pool`).
+                    let mut status = body["status"].clone();
+                    let mut scaling = obj["status"]["scaling"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Some(entries) = status.get("scaling").and_then(Value::as_array) {
+                        for entry in entries {
+                            scaling.retain(|e| e["pool"] != entry["pool"]);
+                            scaling.push(entry.clone());
+                        }
+                    }
+                    if status
+                        .as_object()
+                        .is_some_and(|o| o.keys().all(|k| k == "scaling"))
+                    {
+                        status = obj["status"].clone();
+                    }
+                    if scaling.is_empty() {
+                        status.as_object_mut().map(|o| o.remove("scaling"));
+                    } else {
+                        status["scaling"] = json!(scaling);
+                    }
+                    obj["status"] = status;
                     (StatusCode::OK, obj.clone())
                 }
                 None => status_body(StatusCode::NOT_FOUND, "NotFound", "no such object"),
@@ -822,9 +847,23 @@ workers:
       minReplicas: 1
       maxReplicas: 10
       pollIntervalSeconds: 1
-      scaler: {name: queue-length, settings: {scaleDownStabilizationSeconds: 1}}
+      scaler: {name: queue-length, settings: {scaleDownStabilizationSeconds: 3}}
       metrics: [{name: taskQueueLength, target: {type: AverageValue, averageValue: "5"}}]
 "#;
+
+/// The `status.scaling` entry of the only pool.
+fn scaling(fake: &FakeApi) -> Value {
+    let celery = fake.get(CELERIES, "demo").unwrap();
+    celery["status"]["scaling"][0].clone()
+}
+
+/// How many Events with `reason` were recorded.
+fn events(fake: &FakeApi, reason: &str) -> usize {
+    let store = fake.0.lock().unwrap();
+    store.objects.get(EVENTS).map_or(0, |events| {
+        events.values().filter(|e| e["reason"] == reason).count()
+    })
+}
 
 fn replicas(fake: &FakeApi) -> i64 {
     fake.get(DEPLOYMENTS, "demo-worker-jobs").unwrap()["spec"]["replicas"]
@@ -872,33 +911,98 @@ async fn the_operator_scales_a_queue_length_pool_from_its_redis_backlog() {
         || replicas(&fake) == 8,
     )
     .await;
+    wait_for("the pool's scaling status", Duration::from_secs(10), || {
+        scaling(&fake)["desiredReplicas"] == 8
+    })
+    .await;
+    let entry = scaling(&fake);
+    assert_eq!(entry["pool"], "jobs");
+    assert_eq!(entry["queued"], 40);
+    assert_eq!(entry["reserved"], 0);
+    assert!(
+        entry["plugin"]
+            .as_str()
+            .unwrap()
+            .starts_with("queue-length sha256:"),
+        "{entry}"
+    );
+    assert_eq!(entry["conditions"][0]["type"], "ScalingActive");
+    assert_eq!(entry["conditions"][0]["status"], "True");
+    assert_eq!(
+        condition(&fake, "Progressing")["type"],
+        "Progressing",
+        "the reconciler's status is still there"
+    );
 
     redis::cmd("DEL")
         .arg("jobs")
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
+    let drained = std::time::Instant::now();
     wait_for(
         "the empty queue brings the pool back to min",
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         || replicas(&fake) == 1,
     )
     .await;
+    // The last recommendation of 8 came at most one poll (1 s) before the drain; the 3 s
+    // stabilization window keeps it for 3 s.
+    assert!(
+        drained.elapsed() >= Duration::from_secs(2),
+        "scaled down after {:?}, inside the stabilization window",
+        drained.elapsed()
+    );
 
+    let port = redis.port;
     drop(redis);
     wait_for("a ScalingHeld Event", Duration::from_secs(10), || {
-        let store = fake.0.lock().unwrap();
-        store
-            .objects
-            .get(EVENTS)
-            .is_some_and(|events| events.values().any(|e| e["reason"] == "ScalingHeld"))
+        events(&fake, "ScalingHeld") > 0
     })
     .await;
+    wait_for("ScalingActive False", Duration::from_secs(10), || {
+        scaling(&fake)["conditions"][0]["status"] == "False"
+    })
+    .await;
+    let entry = scaling(&fake);
+    assert_eq!(entry["conditions"][0]["reason"], "BrokerUnavailable");
+    assert_eq!(entry["lastDecision"], "Hold");
+    assert!(
+        entry.get("queued").is_none(),
+        "no figure rather than zero: {entry}"
+    );
     assert_eq!(
         replicas(&fake),
         1,
         "a missing metric never changes the replicas"
     );
+
+    // Redis comes back where it was: the same connection manager reconnects and scaling
+    // resumes.
+    let redis = support::Redis::start_on(port);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg(&backlog[..20])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    wait_for(
+        "the backlog of 20 scales the pool to 4",
+        Duration::from_secs(15),
+        || replicas(&fake) == 4,
+    )
+    .await;
+    assert_eq!(events(&fake, "ScalingResumed"), 1);
+    wait_for("ScalingActive True again", Duration::from_secs(10), || {
+        scaling(&fake)["conditions"][0]["status"] == "True"
+    })
+    .await;
+
     let scaled: Vec<_> = {
         let store = fake.0.lock().unwrap();
         store.objects[EVENTS]
@@ -907,10 +1011,10 @@ async fn the_operator_scales_a_queue_length_pool_from_its_redis_backlog() {
             .map(|e| e["note"].clone())
             .collect()
     };
-    assert_eq!(scaled.len(), 2, "{scaled:?}");
+    assert_eq!(scaled.len(), 3, "{scaled:?}");
     let metrics = ctx.metrics.encode();
     assert!(
-        metrics.contains("celery_operator_scaler_decisions_total{verdict=\"scale\"} 2"),
+        metrics.contains("celery_operator_scaler_decisions_total{verdict=\"scale\"} 3"),
         "{metrics}"
     );
     assert!(

@@ -44,12 +44,16 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    /// A Redis on `port`: to bring a stopped one back where its clients expect it.
+    pub fn start_on(port: u16) -> Redis {
         require(
             "redis-server",
             Command::new("redis-server").arg("--version"),
         );
         let dir = tempdir::Dir::new("redis");
-        let port = free_port();
         let process = Command::new("redis-server")
             .args([
                 "--bind",

@@ -8,28 +8,14 @@
 //! falls back to the built-in, per the failure policy); every decision is clamped to the
 //! pool's min/max.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::EventType;
-use tokio::task::AbortHandle;
-use tracing::{info, warn};
-
-use crate::broker::{Probe, ProbeError, QueueSample};
-use crate::build::worker_name;
-use crate::crd::{Autoscaling, BrokerSpec, Celery, MetricName, WorkerPool};
-use crate::metrics::ScalerLabels;
+use crate::broker::{ProbeError, QueueSample};
+use crate::crd::{Autoscaling, MetricName};
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
 use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role, settings_text};
 use crate::quantity;
-use crate::reconcile::{Context, publish};
 use crate::shape::Plugins;
-use crate::shape::{OPERATOR_AUTOSCALER, autoscaler_of};
 
 /// Samples kept per pool.
 pub const SAMPLE_WINDOW: usize = 30;
@@ -60,9 +46,33 @@ pub enum Verdict {
     Hold {
         /// Replicas now.
         replicas: u32,
-        /// Why, for the status condition.
+        /// What kind of failure, for the status condition's reason.
+        cause: HoldCause,
+        /// Why, for the status condition's message.
         reason: String,
     },
+}
+
+/// Why the scaler holds a pool's replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldCause {
+    /// The broker could not be read.
+    BrokerUnavailable,
+    /// The pool has no `taskQueueLength` target to scale on.
+    NoTarget,
+    /// The scaling-decision plugin failed and the failure policy says hold.
+    ScalerFailed,
+}
+
+impl HoldCause {
+    /// The condition reason (CamelCase, as Kubernetes conventions want).
+    pub fn as_reason(self) -> &'static str {
+        match self {
+            HoldCause::BrokerUnavailable => "BrokerUnavailable",
+            HoldCause::NoTarget => "NoTarget",
+            HoldCause::ScalerFailed => "ScalerFailed",
+        }
+    }
 }
 
 /// One pool's scaler state.
@@ -97,16 +107,25 @@ impl PoolScaler {
         current: u32,
         now_ms: u64,
     ) -> Verdict {
-        let hold = |reason: String| Verdict::Hold {
+        let hold = |cause: HoldCause, reason: String| Verdict::Hold {
             replicas: current,
+            cause,
             reason,
         };
         let queues = match probe {
             Ok(queues) => queues,
-            Err(e) => return hold(format!("{e}; holding {current} replicas")),
+            Err(e) => {
+                return hold(
+                    HoldCause::BrokerUnavailable,
+                    format!("{e}; holding {current} replicas"),
+                );
+            }
         };
         let Some(target) = target_per_replica(autoscaling) else {
-            return hold("the pool has no taskQueueLength target".into());
+            return hold(
+                HoldCause::NoTarget,
+                "the pool has no taskQueueLength target".into(),
+            );
         };
         self.samples.push_back(Sample {
             at_ms: now_ms,
@@ -177,18 +196,24 @@ impl PoolScaler {
                 match plugins.registry.builtin("queue-length").map(|b| decide(&b)) {
                     Some(Ok(ok)) => ok,
                     _ => {
-                        return hold(format!(
-                            "scaler {} failed ({e}); holding {current} replicas",
-                            wanted.name
-                        ));
+                        return hold(
+                            HoldCause::ScalerFailed,
+                            format!(
+                                "scaler {} failed ({e}); holding {current} replicas",
+                                wanted.name
+                            ),
+                        );
                     }
                 }
             }
             (Err(e), _) => {
-                return hold(format!(
-                    "scaler {} failed ({e}); holding {current} replicas",
-                    wanted.name
-                ));
+                return hold(
+                    HoldCause::ScalerFailed,
+                    format!(
+                        "scaler {} failed ({e}); holding {current} replicas",
+                        wanted.name
+                    ),
+                );
             }
         };
         self.history.push_back(Recommendation {
@@ -212,223 +237,6 @@ impl PoolScaler {
     }
 }
 
-/// The scaler loops of every pool the operator scales itself, and one probe per broker.
-#[derive(Default)]
-pub struct Scalers {
-    /// Running loops by resource uid and pool, with the spec they run with.
-    loops: std::sync::Mutex<HashMap<(String, String), (String, AbortHandle)>>,
-    /// Probes by broker URL and settings, shared by every pool of that broker.
-    probes: tokio::sync::Mutex<HashMap<String, Probe>>,
-}
-
-impl Scalers {
-    /// Starts the loops `celery` needs, restarts those whose pool or broker changed and
-    /// stops those no longer wanted. Never blocks: each loop is its own task.
-    pub fn sync(self: &Arc<Self>, ctx: &Arc<Context>, celery: &Celery) {
-        let uid = celery.uid().unwrap_or_default();
-        let wanted: Vec<&WorkerPool> = celery
-            .spec
-            .workers
-            .iter()
-            .filter(|p| {
-                autoscaler_of(&ctx.plugins.config, p).is_some_and(|a| a.name == OPERATOR_AUTOSCALER)
-            })
-            .collect();
-        let mut loops = self.loops.lock().expect("loops lock");
-        loops.retain(|(u, pool), (_, handle)| {
-            let keep = *u != uid || wanted.iter().any(|p| &p.name == pool);
-            if !keep {
-                handle.abort();
-            }
-            keep
-        });
-        for pool in wanted {
-            let key = (uid.clone(), pool.name.clone());
-            let fingerprint =
-                serde_json::to_string(&(pool, &celery.spec.broker)).expect("serializes");
-            match loops.get(&key) {
-                Some((running, _)) if *running == fingerprint => continue,
-                Some((_, handle)) => handle.abort(),
-                None => {}
-            }
-            let task = tokio::spawn(pool_loop(
-                self.clone(),
-                ctx.clone(),
-                celery.clone(),
-                pool.clone(),
-            ));
-            loops.insert(key, (fingerprint, task.abort_handle()));
-        }
-    }
-
-    /// The pool's queues on the broker at `url`, through the probe shared by every pool of
-    /// that broker.
-    async fn sample(
-        &self,
-        url: &str,
-        broker: &BrokerSpec,
-        queues: &[String],
-    ) -> Result<Vec<QueueSample>, ProbeError> {
-        let key = format!(
-            "{url} {}",
-            serde_json::to_string(&(&broker.type_, &broker.redis, &broker.rabbitmq))
-                .expect("serializes")
-        );
-        let probe = {
-            let mut probes = self.probes.lock().await;
-            match probes.get(&key) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = Probe::for_broker(url, broker).await?;
-                    probes.insert(key, p.clone());
-                    p
-                }
-            }
-        };
-        probe.sample(queues).await
-    }
-}
-
-/// The broker URL from the broker's Secret.
-async fn broker_url(secrets: &Api<Secret>, broker: &BrokerSpec) -> Result<String, ProbeError> {
-    let secret_ref = &broker.secret_ref;
-    let secret = secrets
-        .get(&secret_ref.name)
-        .await
-        .map_err(|e| ProbeError::Broker(format!("cannot read Secret {}: {e}", secret_ref.name)))?;
-    let url = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&secret_ref.key))
-        .and_then(|v| String::from_utf8(v.0.clone()).ok())
-        .ok_or_else(|| {
-            ProbeError::Url(format!(
-                "Secret {} has no key {}",
-                secret_ref.name, secret_ref.key
-            ))
-        })?;
-    Ok(url)
-}
-
-/// Samples, decides and scales one pool every poll interval, until the loop is stopped or
-/// the resource is gone. Replicas change only through the Deployment's scale subresource.
-async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, pool: WorkerPool) {
-    let (ns, name) = (
-        celery.namespace().unwrap_or_default(),
-        worker_name(&celery, &pool.name),
-    );
-    let autoscaling = pool
-        .autoscaling
-        .clone()
-        .expect("only autoscaled pools get a loop");
-    let poll = autoscaling
-        .poll_interval_seconds
-        .map_or(ctx.poll_interval, |s| Duration::from_secs(s.into()));
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let celeries: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut state = PoolScaler::default();
-    let mut last_hold = None;
-    // Read from the Secret when the loop starts and again after a failed probe (a rotated
-    // password shows up as one), not on every tick.
-    let mut url: Option<String> = None;
-    loop {
-        let current = match deployments.get_scale(&name).await {
-            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
-            Err(kube::Error::Api(s)) if s.is_not_found() => {
-                if celeries
-                    .get_opt(&celery.name_any())
-                    .await
-                    .is_ok_and(|c| c.is_none())
-                {
-                    return;
-                }
-                tokio::time::sleep(poll).await;
-                continue;
-            }
-            Err(e) => {
-                warn!(%ns, deployment = %name, error = %e, "scaler cannot read the replicas");
-                tokio::time::sleep(poll).await;
-                continue;
-            }
-        };
-        let known = match url.take() {
-            Some(known) => Ok(known),
-            None => broker_url(&secrets, &celery.spec.broker).await,
-        };
-        let probe = match known {
-            Ok(known) => {
-                let sample = scalers
-                    .sample(&known, &celery.spec.broker, &pool.queues)
-                    .await;
-                if sample.is_ok() {
-                    url = Some(known);
-                }
-                sample
-            }
-            Err(e) => Err(e),
-        };
-        match &probe {
-            Ok(_) => ctx.metrics.scaler_samples.inc(),
-            Err(_) => ctx.metrics.scaler_probe_errors.inc(),
-        };
-        let (plugins, spec, pool_name) =
-            (ctx.plugins.clone(), autoscaling.clone(), pool.name.clone());
-        let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
-        let (returned, verdict) = tokio::task::spawn_blocking(move || {
-            let verdict = state.tick(&plugins, &pool_name, &spec, probe, current, now_ms);
-            (state, verdict)
-        })
-        .await
-        .expect("a scaler tick does not panic");
-        state = returned;
-        let label = match verdict {
-            Verdict::Scale { .. } => "scale",
-            Verdict::Keep { .. } => "keep",
-            Verdict::Hold { .. } => "hold",
-        };
-        ctx.metrics
-            .scaler_decisions
-            .get_or_create(&ScalerLabels { verdict: label })
-            .inc();
-        match verdict {
-            Verdict::Scale { from, to, reason } => {
-                let patch = Patch::Merge(serde_json::json!({"spec": {"replicas": to}}));
-                match deployments
-                    .patch_scale(&name, &PatchParams::default(), &patch)
-                    .await
-                {
-                    Ok(_) => {
-                        info!(%ns, deployment = %name, from, to, %reason, "scaled");
-                        let note =
-                            format!("Scaled pool {} from {from} to {to}: {reason}", pool.name);
-                        publish(&ctx, &celery, EventType::Normal, "Scaled", "Scale", note).await;
-                    }
-                    Err(e) => warn!(%ns, deployment = %name, error = %e, "scaling failed"),
-                }
-                last_hold = None;
-            }
-            Verdict::Hold { reason, .. } if last_hold.as_ref() != Some(&reason) => {
-                warn!(%ns, pool = %pool.name, %reason, "scaling held");
-                let note = format!("Pool {}: {reason}", pool.name);
-                publish(
-                    &ctx,
-                    &celery,
-                    EventType::Warning,
-                    "ScalingHeld",
-                    "Scale",
-                    note,
-                )
-                .await;
-                last_hold = Some(reason);
-            }
-            Verdict::Hold { .. } => {}
-            Verdict::Keep { .. } => last_hold = None,
-        }
-        tokio::time::sleep(poll).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +244,7 @@ mod tests {
     use crate::plugin::{Limits, Registry, Runtime};
     use crate::shape::PluginConfig;
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn plugins(policy: FailurePolicy) -> Plugins {
         let limits = Limits {
@@ -501,6 +310,26 @@ mod tests {
     }
 
     #[test]
+    fn the_default_stabilization_window_is_five_minutes() {
+        let p = plugins(FailurePolicy::KeepLastGood);
+        let mut spec = autoscaling(0, 10);
+        spec.scaler = None; // the cluster default, queue-length, with its default settings
+        let mut s = PoolScaler::default();
+        const T0: u64 = 1_795_428_000_000;
+        let v = s.tick(&p, "w", &spec, queue(40, 0), 1, T0);
+        assert!(matches!(v, Verdict::Scale { to: 8, .. }), "{v:?}");
+        for t in [1, 60, 299] {
+            let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + t * 1_000);
+            assert!(
+                matches!(v, Verdict::Keep { replicas: 8, .. }),
+                "{t} s after the drain: {v:?}"
+            );
+        }
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 301_000);
+        assert!(matches!(v, Verdict::Scale { to: 0, .. }), "{v:?}");
+    }
+
+    #[test]
     fn reserved_work_keeps_a_pool_from_scaling_to_zero() {
         let p = plugins(FailurePolicy::KeepLastGood);
         let mut s = PoolScaler::default();
@@ -524,6 +353,7 @@ mod tests {
             v,
             Verdict::Hold {
                 replicas: 3,
+                cause: HoldCause::BrokerUnavailable,
                 reason: "broker unreachable or failing: connection refused; holding 3 replicas"
                     .into()
             }
@@ -543,7 +373,7 @@ mod tests {
         // The hostile fixture loops when the pool is named "loop".
         let v = PoolScaler::default().tick(&p, "loop", &spec, queue(50, 0), 2, 1_000);
         assert!(
-            matches!(&v, Verdict::Hold { replicas: 2, reason } if reason.contains("did not finish")),
+            matches!(&v, Verdict::Hold { replicas: 2, cause: HoldCause::ScalerFailed, reason } if reason.contains("did not finish")),
             "{v:?}"
         );
 
