@@ -13,6 +13,9 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("PREFETCH", "2")),
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # Celery >= 5.5 soft shutdown: on a cold shutdown (SIGQUIT, or SIGTERM with
+    # REMAP_SIGTERM=SIGQUIT), running tasks get this long before they are requeued.
+    worker_soft_shutdown_timeout=float(os.environ.get("SOFT_SHUTDOWN_TIMEOUT", "0")),
 )
 
 
@@ -25,3 +28,14 @@ def sleep(seconds):
 @app.task
 def noop():
     return None
+
+
+@app.task(bind=True)
+def record(self, path, seconds):
+    """Appends `started <id>` to the file at `path`, sleeps, then appends `finished <id>`:
+    what a test reads to know which tasks ran to the end."""
+    with open(path, "a") as f:
+        f.write(f"started {self.request.id}\n")
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"finished {self.request.id}\n")

@@ -295,6 +295,33 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Runs `argv` (a worker's command line, as a pod would run it) in the test app's
+    /// directory, with `env` on top of the broker URL. Its output goes to `log`.
+    pub fn run(broker: &str, argv: &[String], env: &[(String, String)], log: &Path) -> Worker {
+        let log = std::fs::File::create(log).unwrap();
+        let process = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(celery_app_dir())
+            .env("CELERY_BROKER_URL", broker)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("celery worker starts");
+        Worker { process }
+    }
+
+    /// Sends SIGTERM, as the kubelet does when a pod is deleted.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.process.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.process.kill();
