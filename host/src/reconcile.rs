@@ -31,9 +31,19 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Default broker poll interval of the operator's own scaler.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Retry delay after a failed reconcile.
-const RETRY: Duration = Duration::from_secs(15);
+/// First retry of a failed reconcile; doubled on every failure in a row, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between retries of a resource that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
-/// Why a reconcile failed; it is retried after [`RETRY`].
+/// The wait before retry number `failures` (1 = the first failure).
+pub fn retry_after(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
+
+/// Why a reconcile failed; it is retried with backoff (see [`retry_after`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A request to the Kubernetes API failed.
@@ -61,6 +71,8 @@ pub struct Context {
     pub scalers: Arc<Scalers>,
     /// How often those loops sample the broker, unless a pool says otherwise.
     pub poll_interval: Duration,
+    /// Failed reconciles in a row, by resource uid: the retry backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Context {
@@ -82,6 +94,7 @@ impl Context {
             plugins,
             scalers: Arc::default(),
             poll_interval: DEFAULT_POLL_INTERVAL,
+            failures: Default::default(),
         }
     }
 }
@@ -102,6 +115,10 @@ pub async fn reconcile(celery: Arc<Celery>, ctx: Arc<Context>) -> Result<Action,
         .reconciles
         .get_or_create(&ReconcileLabels { result: label })
         .inc();
+    if result.is_ok() {
+        let uid = celery.uid().unwrap_or_default();
+        ctx.failures.lock().expect("failures lock").remove(&uid);
+    }
     result.map(|r| match r {
         // Only a spec change can fix an invalid spec, and that triggers a reconcile.
         Reconciled::Invalid => Action::await_change(),
@@ -371,9 +388,20 @@ pub(crate) async fn publish(
 }
 
 /// Decides what happens after a failed reconcile.
-pub fn error_policy(celery: Arc<Celery>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(name = %celery.name_any(), ns = ?celery.namespace(), %error, "reconcile failed; retrying");
-    Action::requeue(RETRY)
+/// A resource that keeps failing is retried ever less often (1 s, 2 s, 4 s, ... 5 min), so
+/// an API server in trouble is not hammered; success resets it.
+pub fn error_policy(celery: Arc<Celery>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut failures = ctx.failures.lock().expect("failures lock");
+        let n = failures
+            .entry(celery.uid().unwrap_or_default())
+            .or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let wait = retry_after(failures);
+    warn!(name = %celery.name_any(), ns = ?celery.namespace(), %error, failures, retry_in = ?wait, "reconcile failed; retrying");
+    Action::requeue(wait)
 }
 
 /// Runs the controller until SIGTERM or SIGINT. Watches Celery resources (in `namespace`, or
@@ -468,5 +496,18 @@ pub async fn wait_for_crd(client: &Client, namespace: Option<&str>) {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_five_minutes() {
+        let waits: Vec<u64> = [1, 2, 3, 4, 9, 10, 40, u32::MAX]
+            .map(|n| retry_after(n).as_secs())
+            .to_vec();
+        assert_eq!(waits, [1, 2, 4, 8, 256, 300, 300, 300]);
     }
 }
