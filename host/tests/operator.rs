@@ -757,3 +757,62 @@ workers:
         op.peak_rss_kib() / 1024
     );
 }
+
+/// The holder of the leader-election Lease.
+async fn lease_holder(client: &Client) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), OPERATOR_NS);
+    leases
+        .get("celery-operator")
+        .await
+        .ok()?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
+    let cluster = Cluster::start().await;
+    let client = &cluster.client;
+    let a = cluster.operator("a", &["--leader-elect", "--instance", "a"]);
+    let b = cluster.operator("b", &["--leader-elect", "--instance", "b"]);
+    let long = Duration::from_secs(60);
+    let leader = wait(long, "a leader", &a, || lease_holder(client)).await;
+    apply_celery(client, &celery("shop", SPEC)).await;
+    wait(long, "the leader applies the children", &a, || async {
+        (deployment_names(client).await.len() == 4).then_some(())
+    })
+    .await;
+
+    // The leader goes away (as a deleted pod would, without releasing the Lease): the other
+    // replica takes over once the Lease expires, and applies the next change.
+    let (gone, standby) = if leader == "a" { (a, b) } else { (b, a) };
+    drop(gone);
+    let next = wait(
+        Duration::from_secs(60),
+        "the standby holds the Lease",
+        &standby,
+        || async { lease_holder(client).await.filter(|h| *h != leader) },
+    )
+    .await;
+    assert_ne!(next, leader);
+    let changed = SPEC.replace("replicas: 2, concurrency: 4", "replicas: 6, concurrency: 4");
+    apply_celery(client, &celery("shop", &changed)).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    wait(
+        long,
+        "the new leader applies a change",
+        &standby,
+        || async {
+            (deployments
+                .get("shop-worker-fast")
+                .await
+                .ok()?
+                .spec?
+                .replicas
+                == Some(6))
+            .then_some(())
+        },
+    )
+    .await;
+}

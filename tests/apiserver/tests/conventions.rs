@@ -444,6 +444,16 @@ async fn faults_are_injected_and_a_stopped_server_comes_back() {
         api.get("kept").await.unwrap();
     }
     assert!(server.requests().iter().any(|r| r.status == 429));
+    server.set_faults(Faults {
+        latency: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let start = std::time::Instant::now();
+    api.get("kept").await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "latency is added"
+    );
     server.set_faults(Faults::default());
     server.stop().await;
     assert!(api.get("kept").await.is_err(), "refused while stopped");
