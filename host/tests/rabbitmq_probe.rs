@@ -8,9 +8,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use celery_operator::broker::QueueSample;
 use celery_operator::broker::rabbitmq::RabbitProbe;
-use support::{Rabbitmq, Worker, python};
+use support::{Rabbitmq, Worker, as_map, python};
 
 /// `rabbitmqctl`'s view: queue -> (ready, unacknowledged), for `queues` only.
 fn truth(rabbit: &Rabbitmq, queues: &[String]) -> BTreeMap<String, (u64, u64)> {
@@ -35,13 +34,6 @@ fn truth(rabbit: &Rabbitmq, queues: &[String]) -> BTreeMap<String, (u64, u64)> {
         }
     }
     truth
-}
-
-fn as_map(samples: &[QueueSample]) -> BTreeMap<String, (u64, u64)> {
-    samples
-        .iter()
-        .map(|s| (s.name.clone(), (s.ready, s.reserved)))
-        .collect()
 }
 
 #[tokio::test]

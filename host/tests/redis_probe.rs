@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use celery_operator::broker::QueueSample;
 use celery_operator::broker::redis::{Layout, RedisProbe};
-use support::{Redis, Worker, python};
+use support::{Redis, Worker, as_map, python};
 
 fn truth(broker: &str, queues: &[&str]) -> BTreeMap<String, (u64, u64)> {
     let mut args = vec!["truth.py"];
@@ -27,13 +27,6 @@ fn truth(broker: &str, queues: &[&str]) -> BTreeMap<String, (u64, u64)> {
                 ),
             )
         })
-        .collect()
-}
-
-fn as_map(samples: &[QueueSample]) -> BTreeMap<String, (u64, u64)> {
-    samples
-        .iter()
-        .map(|s| (s.name.clone(), (s.ready, s.reserved)))
         .collect()
 }
 

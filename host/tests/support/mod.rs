@@ -239,6 +239,16 @@ impl Drop for Rabbitmq {
     }
 }
 
+/// Probe samples as queue -> (ready, reserved).
+pub fn as_map(
+    samples: &[celery_operator::broker::QueueSample],
+) -> std::collections::BTreeMap<String, (u64, u64)> {
+    samples
+        .iter()
+        .map(|s| (s.name.clone(), (s.ready, s.reserved)))
+        .collect()
+}
+
 /// Runs a script of the test Celery app with `python3` against `broker`.
 pub fn python(broker: &str, args: &[&str]) -> Output {
     require(

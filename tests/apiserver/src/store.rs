@@ -585,13 +585,7 @@ impl Store {
         let Some(entry) = self.objects.get(&key) else {
             return match patch {
                 Patch::Apply { mut body, .. } if part == Part::Main => {
-                    let manager = manager.ok_or_else(|| {
-                        ApiError::new(
-                            400,
-                            "BadRequest",
-                            "fieldManager is required for apply patch",
-                        )
-                    })?;
+                    let manager = apply_manager(manager)?;
                     if body["metadata"]["name"].as_str() != Some(name) {
                         return Err(ApiError::new(
                             400,
@@ -641,13 +635,7 @@ impl Store {
                 json_patch::merge(&mut new, &p);
             }
             Patch::Apply { body, force } => {
-                let manager = manager.ok_or_else(|| {
-                    ApiError::new(
-                        400,
-                        "BadRequest",
-                        "fieldManager is required for apply patch",
-                    )
-                })?;
+                let manager = apply_manager(manager)?;
                 if !body["metadata"]["resourceVersion"].is_string() {
                     new["metadata"]
                         .as_object_mut()
@@ -915,6 +903,17 @@ impl Store {
             .map(|(_, e)| self.render(&t, e))
             .collect()
     }
+}
+
+/// The field manager an apply must name.
+fn apply_manager(manager: Option<&str>) -> Result<&str, ApiError> {
+    manager.ok_or_else(|| {
+        ApiError::new(
+            400,
+            "BadRequest",
+            "fieldManager is required for apply patch",
+        )
+    })
 }
 
 /// A patch, by content type.
