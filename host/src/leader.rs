@@ -138,6 +138,30 @@ impl Elector {
         }
     }
 
+    /// Gives the Lease up, if this replica holds it, so that another one takes over at its
+    /// next try instead of waiting for the Lease to expire. For a clean shutdown.
+    pub async fn release(&self) -> Result<(), kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.me.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            // Someone else wrote it meanwhile: it is not ours to release any more.
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
+            other => other.map(|_| info!(lease = %self.name, "released the Lease")),
+        }
+    }
+
     /// Renews the Lease until it is lost (another replica holds it, or it could not be
     /// renewed before expiring); then returns.
     pub async fn hold(&self) {

@@ -409,7 +409,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            () = reconcile::run(client, args.namespace, args.plugin_namespace, ctx) => Ok(()),
+            () = reconcile::run(client, args.namespace, args.plugin_namespace, ctx) => {
+                // Stopped by SIGTERM or SIGINT: hand over at once.
+                if let Some(e) = &elector
+                    && let Err(err) = e.release().await
+                {
+                    tracing::warn!(error = %err, "could not release the Lease");
+                }
+                Ok(())
+            }
             () = lost => Err(anyhow::anyhow!("lost the leader-election Lease; exiting so that another replica takes over")),
             served = server => Err(anyhow::anyhow!("HTTP server stopped: {:?}", served?)),
         }

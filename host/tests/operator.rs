@@ -57,6 +57,25 @@ impl Operator {
         }
     }
 
+    /// Sends SIGTERM, as Kubernetes does to a pod being deleted, and waits for the exit
+    /// (asynchronously: the test API server runs on this test's runtime).
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.process.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.process.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -798,4 +817,9 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
         || async { (fast_replicas(client).await == Some(6)).then_some(()) },
     )
     .await;
+
+    // A leader stopped cleanly (SIGTERM) gives the Lease up rather than letting it expire.
+    let mut standby = standby;
+    assert!(standby.terminate().await.success(), "{}", standby.log());
+    assert_eq!(lease_holder(client).await, None, "released on shutdown");
 }
