@@ -177,7 +177,7 @@ impl ApiServer {
         *self.shared.bookmark_interval.lock().expect("lock") = every;
     }
 
-    /// The objects, to read or change directly (as a kubelet or another controller would).
+    /// The objects and the server's settings (`history_limit`), to read or change directly.
     pub fn store(&self) -> MutexGuard<'_, Store> {
         self.shared.store.lock().expect("store lock")
     }

@@ -891,18 +891,6 @@ impl Store {
     pub fn drop_watches(&mut self) {
         self.watchers.clear();
     }
-
-    /// Every stored object of a type (for tests).
-    pub fn all(&self, group: &str, plural: &str) -> Vec<Value> {
-        let Some(t) = self.find(group, plural).cloned() else {
-            return Vec::new();
-        };
-        self.objects
-            .iter()
-            .filter(|(k, _)| k.group == group && k.plural == plural)
-            .map(|(_, e)| self.render(&t, e))
-            .collect()
-    }
 }
 
 /// The field manager an apply must name.
