@@ -188,11 +188,6 @@ impl RabbitProbe {
         Ok(RabbitProbe { http, endpoint })
     }
 
-    /// Where this probe asks.
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
     /// Reads every queue of `queues` in one request.
     pub async fn sample(&self, queues: &[String]) -> Result<Vec<QueueSample>, ProbeError> {
         let e = &self.endpoint;

@@ -7,7 +7,7 @@
 mod decide;
 pub mod report;
 
-pub use decide::{HISTORY_MS, HoldCause, PoolScaler, SAMPLE_WINDOW, Verdict, target_per_replica};
+pub use decide::{HoldCause, PoolScaler, Verdict};
 
 use std::collections::HashMap;
 use std::sync::Arc;
