@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use celery_operator::broker::rabbitmq::RabbitProbe;
-use support::{Rabbitmq, Worker, as_map, python};
+use support::{Rabbitmq, Worker, as_map, python, queues_command};
 
 /// `rabbitmqctl`'s view: queue -> (ready, unacknowledged), for `queues` only.
 fn truth(rabbit: &Rabbitmq, queues: &[String]) -> BTreeMap<String, (u64, u64)> {
@@ -108,31 +108,23 @@ async fn probe_reads_ready_and_unacknowledged_like_rabbitmqctl() {
     assert!(err.contains("no virtual host nowhere"), "{err}");
 
     // The `queues` command prints the same numbers.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-operator"))
-        .args(["queues", "-q", "emails", "-q", "reports"])
-        .args(["--management-url", &management])
-        .env("CELERY_BROKER_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let rows = queues_command(
+        &url,
+        &[
+            "-q",
+            "emails",
+            "-q",
+            "reports",
+            "--management-url",
+            &management,
+        ],
     );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let printed: BTreeMap<String, (u64, u64)> = text
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (
-                f[0].to_string(),
-                (f[1].parse().unwrap(), f[2].parse().unwrap()),
-            )
-        })
+    let printed: BTreeMap<String, (u64, u64)> = rows
+        .iter()
+        .map(|f| (f[0].clone(), (f[1].parse().unwrap(), f[2].parse().unwrap())))
         .collect();
     let two = &queues[..2];
-    assert_eq!(printed, truth(&rabbit, two), "{text}");
+    assert_eq!(printed, truth(&rabbit, two), "{rows:?}");
 
     // A stopped broker is an error too.
     drop(rabbit);

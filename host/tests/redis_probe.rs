@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use celery_operator::broker::QueueSample;
 use celery_operator::broker::redis::{Layout, RedisProbe};
-use support::{Redis, Worker, as_map, python};
+use support::{Redis, Worker, as_map, python, queues_command};
 
 fn truth(broker: &str, queues: &[&str]) -> BTreeMap<String, (u64, u64)> {
     let mut args = vec!["truth.py"];
@@ -97,25 +97,10 @@ fn queues_command_prints_what_the_operator_sees() {
     let url = redis.url();
     python(&url, &["send.py", "emails", "4", "0", "30"]);
     python(&url, &["send.py", "emails", "1", "6", "30"]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-operator"))
-        .args(["queues", "-q", "emails", "-q", "celery"])
-        .env("CELERY_BROKER_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let rows: Vec<Vec<&str>> = text
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(rows[0][..3], ["emails", "5", "0"], "{text}");
-    assert_eq!(rows[1][..3], ["celery", "0", "0"], "{text}");
-    assert!(rows[0].contains(&"6:1"), "{text}");
+    let rows = queues_command(&url, &["-q", "emails", "-q", "celery"]);
+    assert_eq!(rows[0][..3], ["emails", "5", "0"], "{rows:?}");
+    assert_eq!(rows[1][..3], ["celery", "0", "0"], "{rows:?}");
+    assert!(rows[0].contains(&"6:1".to_string()), "{rows:?}");
 
     drop(redis);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_celery-operator"))

@@ -249,6 +249,28 @@ pub fn as_map(
         .collect()
 }
 
+/// Runs `celery-operator queues` with `args` against `broker` (given as CELERY_BROKER_URL);
+/// returns the table's rows split on whitespace, the header left out.
+pub fn queues_command(broker: &str, args: &[&str]) -> Vec<Vec<String>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_celery-operator"))
+        .arg("queues")
+        .args(args)
+        .env("CELERY_BROKER_URL", broker)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
 /// Runs a script of the test Celery app with `python3` against `broker`.
 pub fn python(broker: &str, args: &[&str]) -> Output {
     require(
