@@ -39,7 +39,8 @@ fn rule(group: &str, resource: &str, verbs: &[&str]) -> Rule {
 pub fn watched_namespaces() -> Vec<Rule> {
     let plural = Celery::plural(&());
     let mut rules = vec![
-        rule(GROUP, &plural, &["list", "watch"]),
+        // get: a scaler loop checks whether its resource still exists.
+        rule(GROUP, &plural, &["get", "list", "watch"]),
         rule(GROUP, &format!("{plural}/status"), &["patch"]),
         rule("events.k8s.io", "events", &["create"]),
         // The operator's own scaler: the broker URL, and the replicas of the pools it scales.

@@ -57,7 +57,7 @@ code); the chart test (tests/chart/test.sh) compares them.
   verbs: [list, patch, delete, watch]
 - apiGroups: [celeryproject.org]
   resources: [celeries]
-  verbs: [list, watch]
+  verbs: [get, list, watch]
 - apiGroups: [celeryproject.org]
   resources: [celeries/status]
   verbs: [patch]

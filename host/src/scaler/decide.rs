@@ -190,23 +190,18 @@ impl PoolScaler {
             .registry
             .resolve(Role::Scaler, &wanted)
             .and_then(|r| decide(&r));
-        let (resolved, decision) = match (result, plugins.config.scaler_failure) {
-            (Ok(ok), _) => ok,
-            (Err(e), FailurePolicy::Builtin) => {
-                match plugins.registry.builtin("queue-length").map(|b| decide(&b)) {
-                    Some(Ok(ok)) => ok,
-                    _ => {
-                        return hold(
-                            HoldCause::ScalerFailed,
-                            format!(
-                                "scaler {} failed ({e}); holding {current} replicas",
-                                wanted.name
-                            ),
-                        );
-                    }
-                }
-            }
-            (Err(e), _) => {
+        // The failure policy `builtin` retries with the built-in queue-length plugin; the
+        // error reported is the wanted plugin's.
+        let fallback = |e| match plugins.config.scaler_failure {
+            FailurePolicy::Builtin => match plugins.registry.builtin("queue-length") {
+                Some(b) => decide(&b).map_err(|_| e),
+                None => Err(e),
+            },
+            _ => Err(e),
+        };
+        let (resolved, decision) = match result.or_else(fallback) {
+            Ok(ok) => ok,
+            Err(e) => {
                 return hold(
                     HoldCause::ScalerFailed,
                     format!(

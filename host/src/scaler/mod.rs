@@ -35,7 +35,7 @@ pub struct Scalers {
     /// Running loops by resource uid and pool, with the spec they run with.
     loops: std::sync::Mutex<HashMap<(String, String), (String, AbortHandle)>>,
     /// Probes by broker URL and settings, shared by every pool of that broker.
-    probes: tokio::sync::Mutex<HashMap<String, Probe>>,
+    probes: std::sync::Mutex<HashMap<String, Probe>>,
 }
 
 impl Scalers {
@@ -75,8 +75,11 @@ impl Scalers {
         });
         for pool in wanted {
             let key = (uid.clone(), pool.name.clone());
+            // Only what the loop uses: an image or resources change must not restart it
+            // (that would drop its sample window and stabilization history).
             let fingerprint =
-                serde_json::to_string(&(pool, &celery.spec.broker)).expect("serializes");
+                serde_json::to_string(&(&pool.queues, &pool.autoscaling, &celery.spec.broker))
+                    .expect("serializes");
             match loops.get(&key) {
                 Some((running, _)) if *running == fingerprint => continue,
                 Some((_, handle)) => handle.abort(),
@@ -112,15 +115,15 @@ impl Scalers {
             serde_json::to_string(&(&broker.type_, &broker.redis, &broker.rabbitmq))
                 .expect("serializes")
         );
-        let probe = {
-            let mut probes = self.probes.lock().await;
-            match probes.get(&key) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = Probe::for_broker(url, broker).await?;
-                    probes.insert(key, p.clone());
-                    p
-                }
+        let known = self.probes.lock().expect("probes lock").get(&key).cloned();
+        let probe = match known {
+            Some(p) => p,
+            // Connecting happens outside the lock: an unreachable broker must not hold up
+            // the pools of other brokers. Two pools racing here keep the first probe.
+            None => {
+                let p = Probe::for_broker(url, broker).await?;
+                let mut probes = self.probes.lock().expect("probes lock");
+                probes.entry(key).or_insert(p).clone()
             }
         };
         probe.sample(queues).await
@@ -177,11 +180,13 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
         let current = match deployments.get_scale(&name).await {
             Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
             Err(kube::Error::Api(s)) if s.is_not_found() => {
-                if celeries
+                // Gone, or deleted and created again under the same name (a new uid gets
+                // its own loop).
+                let gone = celeries
                     .get_opt(&celery.name_any())
                     .await
-                    .is_ok_and(|c| c.is_none())
-                {
+                    .is_ok_and(|c| c.is_none_or(|c| c.uid() != celery.uid()));
+                if gone {
                     scalers.forget_current_task();
                     return;
                 }
