@@ -17,20 +17,20 @@ pub enum RenderError {
     #[error("not a valid Celery resource: {0}")]
     Parse(String),
     /// A plugin failed or rejected the objects.
-    #[error("{name}: {source}")]
+    #[error("{name}: {error}")]
     Plugin {
         /// Name of the resource.
         name: String,
         /// What the plugin did.
-        source: crate::shape::ShapeError,
+        error: crate::shape::ShapeError,
     },
     /// The resource breaks a rule of the CRD.
-    #[error("{name}: {source}")]
+    #[error("{name}: {error}")]
     Invalid {
         /// Name of the resource.
         name: String,
         /// The broken rules.
-        source: crate::validate::InvalidSpec,
+        error: crate::validate::InvalidSpec,
     },
 }
 
@@ -52,14 +52,14 @@ pub fn render(yaml: &str, plugins: &Plugins) -> Result<String, RenderError> {
         if celery.namespace().is_none() {
             celery.metadata.namespace = Some("default".into());
         }
-        validate(&celery).map_err(|source| RenderError::Invalid {
+        validate(&celery).map_err(|error| RenderError::Invalid {
             name: celery.name_any(),
-            source,
+            error,
         })?;
-        let shaped = shape(plugins, &celery, desired_children(&celery)).map_err(|source| {
+        let shaped = shape(plugins, &celery, desired_children(&celery)).map_err(|error| {
             RenderError::Plugin {
                 name: celery.name_any(),
-                source,
+                error,
             }
         })?;
         for child in shaped.children {

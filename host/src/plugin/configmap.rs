@@ -135,7 +135,8 @@ pub async fn watch(
                 }
             }
             watcher::Event::Delete(cm) => {
-                if let Ok((name, _)) = decode(&cm) {
+                // The label names the plugin; no need to decode the component.
+                if let Some(name) = cm.labels().get(PLUGIN_LABEL).cloned() {
                     info!(plugin = %name, configmap = %cm.name_any(), "plugin ConfigMap deleted");
                     registry.remove(&name, &source_of(&cm));
                     changed();

@@ -237,16 +237,4 @@ impl Registry {
         let entries = self.entries.read().expect("registry lock");
         entries.get(name)?.rejected.clone()
     }
-
-    /// Name, digest and source of every plugin in use.
-    pub fn list(&self) -> Vec<(String, String, Source)> {
-        let entries = self.entries.read().expect("registry lock");
-        entries
-            .iter()
-            .filter_map(|(name, e)| {
-                let (p, s) = e.current.as_ref()?;
-                Some((name.clone(), p.digest.clone(), s.clone()))
-            })
-            .collect()
-    }
 }

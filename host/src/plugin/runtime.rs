@@ -157,11 +157,6 @@ impl Runtime {
         }
     }
 
-    /// The limits every call runs under.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// The digest of plugin bytes, as `sha256:<hex>`.
     pub fn digest(bytes: &[u8]) -> String {
         format!("sha256:{:x}", Sha256::digest(bytes))
