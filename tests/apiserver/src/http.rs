@@ -177,7 +177,7 @@ fn parse_target(shared: &Shared, segs: &[&str]) -> Result<Option<Target>, ApiErr
         return Ok(None);
     }
     let store = shared.store.lock().expect("store lock");
-    let served = |plural: &str| store.served(group, version, plural).cloned();
+    let served = |plural: &str| store.served(group, version, plural);
     let namespaced =
         rest[0] == "namespaces" && rest.len() >= 3 && served(rest[2]).is_some_and(|t| t.namespaced);
     let (ns, rest) = if namespaced {
@@ -185,7 +185,8 @@ fn parse_target(shared: &Shared, segs: &[&str]) -> Result<Option<Target>, ApiErr
     } else {
         (None, rest)
     };
-    let t = served(rest[0]).ok_or_else(|| {
+    // Cheap: the schema is shared, not copied.
+    let t = served(rest[0]).cloned().ok_or_else(|| {
         ApiError::new(
             404,
             "NotFound",
@@ -316,12 +317,8 @@ fn route(
             )
         }
         ("GET", Some(name)) => store.get(&target.t, ns, name),
-        ("POST", None) => parse_body(bytes, false).and_then(|b| {
-            store
-                .create(&target.t, ns, b, manager.as_deref())
-                .map(|o| (201, o))
-                .map(|(_, o)| o)
-        }),
+        ("POST", None) => parse_body(bytes, false)
+            .and_then(|b| store.create(&target.t, ns, b, manager.as_deref())),
         ("PUT", Some(name)) => parse_body(bytes, false)
             .and_then(|b| store.replace(&target.t, ns, name, b, part, manager.as_deref())),
         ("PATCH", Some(name)) => {

@@ -1,6 +1,8 @@
 //! The kinds the server serves: a fixed set of built-in ones and whatever
 //! CustomResourceDefinitions add. Discovery documents are built from this list.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 
 /// One served resource (one group/version/plural).
@@ -24,7 +26,7 @@ pub struct ResourceType {
     /// `metadata.generation` is kept and bumped on spec changes.
     pub generation: bool,
     /// The OpenAPI v3 schema of a custom resource, for validation, pruning and list-map keys.
-    pub schema: Option<Value>,
+    pub schema: Option<Arc<Value>>,
 }
 
 impl ResourceType {
@@ -142,7 +144,7 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
             status: v["subresources"].get("status").is_some(),
             scale: false,
             generation: true,
-            schema: v["schema"].get("openAPIV3Schema").cloned(),
+            schema: v["schema"].get("openAPIV3Schema").cloned().map(Arc::new),
         })
         .collect())
 }

@@ -70,6 +70,9 @@ struct Change {
     plural: String,
     kind: &'static str,
     object: Value,
+    /// For MODIFIED: the object before, so that a watch sees an object enter or leave its
+    /// selector as ADDED or DELETED, as the API server sends it.
+    before: Option<Value>,
 }
 
 /// What a watch asked for.
@@ -87,15 +90,28 @@ pub struct Watch {
 }
 
 impl Watch {
-    fn wants(&self, group: &str, plural: &str, object: &Value) -> bool {
-        self.group == group
-            && self.plural == plural
-            && self
-                .namespace
-                .as_ref()
-                .is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+    fn matches(&self, object: &Value) -> bool {
+        self.namespace
+            .as_ref()
+            .is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
             && self.labels.matches(object)
             && self.fields.matches(object)
+    }
+
+    /// The event this watch gets for `c`, if any.
+    fn event(&self, c: &Change) -> Option<Value> {
+        if self.group != c.group || self.plural != c.plural {
+            return None;
+        }
+        let now = self.matches(&c.object);
+        let kind = match (c.kind, c.before.as_ref().map(|b| self.matches(b))) {
+            ("MODIFIED", Some(true)) if !now => "DELETED",
+            ("MODIFIED", Some(false)) if now => "ADDED",
+            ("MODIFIED", Some(false)) => return None,
+            (kind, _) if now => kind,
+            _ => return None,
+        };
+        Some(json!({"type": kind, "object": c.object}))
     }
 }
 
@@ -137,17 +153,6 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
-}
-
-/// The object without what the server manages, to compare content.
-fn content(object: &Value) -> Value {
-    let mut o = object.clone();
-    if let Some(m) = o["metadata"].as_object_mut() {
-        for k in ["resourceVersion", "managedFields", "generation"] {
-            m.remove(k);
-        }
-    }
-    o
 }
 
 /// The object without metadata and status: what `generation` tracks.
@@ -209,18 +214,23 @@ impl Store {
         }
     }
 
-    fn record(&mut self, t_group: &str, t_plural: &str, kind: &'static str, object: &Value) {
+    fn record(
+        &mut self,
+        t: &ResourceType,
+        kind: &'static str,
+        object: &Value,
+        before: Option<&Value>,
+    ) {
         let change = Change {
             rv: self.rv,
-            group: t_group.into(),
-            plural: t_plural.into(),
+            group: t.group.clone(),
+            plural: t.plural.clone(),
             kind,
             object: object.clone(),
+            before: before.cloned(),
         };
-        self.watchers.retain(|(w, tx)| {
-            !w.wants(t_group, t_plural, object)
-                || tx.send(json!({"type": kind, "object": object})).is_ok()
-        });
+        self.watchers
+            .retain(|(w, tx)| w.event(&change).is_none_or(|e| tx.send(e).is_ok()));
         self.history.push_back(change);
         while self.history.len() > self.history_limit {
             self.history.pop_front();
@@ -402,7 +412,7 @@ impl Store {
                 m,
                 &json!({}),
                 &body,
-                t.schema.as_ref(),
+                t.schema.as_deref(),
                 &now(),
             );
         }
@@ -411,7 +421,7 @@ impl Store {
             managers,
         };
         let out = self.render(t, &entry);
-        self.record(&t.group, &t.plural, "ADDED", &out);
+        self.record(t, "ADDED", &out, None);
         self.objects.insert(key, entry);
         Ok(out)
     }
@@ -502,7 +512,9 @@ impl Store {
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         self.check_schema(t, &mut new)?;
         let managers = managers.unwrap_or_else(|| entry.managers.clone());
-        if content(&new) == content(&old) {
+        // `new` now carries the old resourceVersion and generation, and stored objects hold
+        // no managedFields: equal means nothing changed.
+        if new == old {
             // A no-op write changes nothing, not even the resource version.
             self.objects.get_mut(key).expect("exists").managers = managers;
             return Ok(self.render(t, self.objects.get(key).expect("exists")));
@@ -522,14 +534,11 @@ impl Store {
             managers,
         };
         let out = self.render(t, &entry);
+        self.objects.insert(key.clone(), entry);
         if finished {
-            self.objects.remove(key);
-            self.record(&t.group, &t.plural, "DELETED", &out);
-            self.collect_garbage();
-        } else {
-            self.record(&t.group, &t.plural, "MODIFIED", &out);
-            self.objects.insert(key.clone(), entry);
+            return Ok(self.finish_deletion(t, key));
         }
+        self.record(t, "MODIFIED", &out, Some(&old));
         Ok(out)
     }
 
@@ -562,7 +571,7 @@ impl Store {
                 m,
                 &old.object,
                 &body,
-                t.schema.as_ref(),
+                t.schema.as_deref(),
                 &now(),
             );
             managers
@@ -598,7 +607,7 @@ impl Store {
                         .map(|m| m.remove("resourceVersion"));
                     self.create(t, ns, body.clone(), None)?;
                     let entry = self.objects.get_mut(&key).expect("just created");
-                    let owned = fields::owned_fields(&entry.object, t.schema.as_ref());
+                    let owned = fields::owned_fields(&entry.object, t.schema.as_deref());
                     entry
                         .managers
                         .insert(manager.into(), (format!("Apply {}", now()), owned));
@@ -669,7 +678,7 @@ impl Store {
                     &mut scoped,
                     manager,
                     &applied,
-                    t.schema.as_ref(),
+                    t.schema.as_deref(),
                     force,
                     &now(),
                 )
@@ -699,7 +708,7 @@ impl Store {
             }
         }
         if let Some(m) = manager {
-            fields::update(&mut managers, m, &old, &new, t.schema.as_ref(), &now());
+            fields::update(&mut managers, m, &old, &new, t.schema.as_deref(), &now());
         }
         self.update(t, &key, new, part, Some(managers))
     }
@@ -754,54 +763,63 @@ impl Store {
             o["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
             let e = self.objects.get_mut(&key).expect("exists");
-            e.object = o;
+            let before = std::mem::replace(&mut e.object, o);
             let out = self.render(t, self.objects.get(&key).expect("exists"));
-            self.record(&t.group, &t.plural, "MODIFIED", &out);
+            self.record(t, "MODIFIED", &out, Some(&before));
             return Ok(out);
         }
-        let entry = self.objects.remove(&key).expect("exists");
+        Ok(self.finish_deletion(t, &key))
+    }
+
+    /// Removes one object for good: a new resource version, a DELETED event carrying it.
+    fn remove(&mut self, t: &ResourceType, key: &Key) -> Option<(Value, Value)> {
+        let entry = self.objects.remove(key)?;
         self.rv += 1;
         let mut out = self.render(t, &entry);
         out["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.record(&t.group, &t.plural, "DELETED", &out);
-        if t.plural == "customresourcedefinitions"
-            && let Ok(served) = resources::from_crd(&entry.object)
-        {
-            let (g, p) = (served[0].group.clone(), served[0].plural.clone());
-            let gone: Vec<Key> = self
-                .objects
-                .keys()
-                .filter(|k| k.group == g && k.plural == p)
-                .cloned()
-                .collect();
-            for k in gone {
-                self.objects.remove(&k);
-            }
-            self.types.retain(|x| !(x.group == g && x.plural == p));
-        }
-        if t.plural == "namespaces" {
-            let gone: Vec<Key> = self
-                .objects
-                .keys()
-                .filter(|k| k.namespace == name)
-                .cloned()
-                .collect();
-            for k in gone {
-                if let Some(e) = self.objects.remove(&k) {
-                    self.rv += 1;
-                    let dt = self
-                        .find(&k.group, &k.plural)
-                        .expect("stored types are served")
-                        .clone();
-                    let o = self.render(&dt, &e);
-                    self.record(&k.group, &k.plural, "DELETED", &o);
-                }
-            }
-        }
-        self.collect_garbage();
-        Ok(out)
+        self.record(t, "DELETED", &out, None);
+        Some((entry.object, out))
     }
 
+    /// Removes an object whose deletion is complete (no finalizers left), with what goes
+    /// with it: a CRD's kind and objects, a namespace's objects, orphaned dependents.
+    fn finish_deletion(&mut self, t: &ResourceType, key: &Key) -> Value {
+        let (stored, out) = self.remove(t, key).expect("the object exists");
+        let mut gone: Vec<Key> = Vec::new();
+        let mut gone_type = None;
+        if t.plural == "customresourcedefinitions"
+            && let Ok(served) = resources::from_crd(&stored)
+        {
+            let (g, p) = (served[0].group.clone(), served[0].plural.clone());
+            gone.extend(
+                self.objects
+                    .keys()
+                    .filter(|k| k.group == g && k.plural == p)
+                    .cloned(),
+            );
+            gone_type = Some((g, p));
+        }
+        if t.plural == "namespaces" {
+            gone.extend(
+                self.objects
+                    .keys()
+                    .filter(|k| k.namespace == key.name)
+                    .cloned(),
+            );
+        }
+        for k in gone {
+            let dt = self
+                .find(&k.group, &k.plural)
+                .expect("stored types are served")
+                .clone();
+            self.remove(&dt, &k);
+        }
+        if let Some((g, p)) = gone_type {
+            self.types.retain(|x| !(x.group == g && x.plural == p));
+        }
+        self.collect_garbage();
+        out
+    }
     /// Deletes every object whose owner references all point to objects that are gone.
     fn collect_garbage(&mut self) {
         loop {
@@ -875,11 +893,12 @@ impl Store {
                         format!("too old resource version: {rv} ({})", oldest - 1),
                     ));
                 }
-                for c in self.history.iter().filter(|c| c.rv > rv) {
-                    if watch.wants(&c.group, &c.plural, &c.object) {
-                        replay.push(json!({"type": c.kind, "object": c.object}));
-                    }
-                }
+                replay.extend(
+                    self.history
+                        .iter()
+                        .filter(|c| c.rv > rv)
+                        .filter_map(|c| watch.event(c)),
+                );
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();

@@ -464,3 +464,31 @@ async fn faults_are_injected_and_a_stopped_server_comes_back() {
     );
     assert!(server.requests().iter().any(|r| r.status == 500));
 }
+
+#[tokio::test]
+async fn a_selector_watch_sees_objects_enter_and_leave_it() {
+    let server = ApiServer::start().await;
+    let api: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
+    let created = api
+        .create(&PostParams::default(), &cm("s", "v"))
+        .await
+        .unwrap();
+    let rv = created.metadata.resource_version.unwrap();
+    let params = WatchParams::default().labels("app=a");
+    let mut stream = api.watch(&params, &rv).await.unwrap().boxed();
+    let relabel = |app: &'static str| json!({"metadata": {"labels": {"app": app}}});
+    api.patch("s", &PatchParams::default(), &Patch::Merge(relabel("b")))
+        .await
+        .unwrap();
+    match stream.try_next().await.unwrap().unwrap() {
+        WatchEvent::Deleted(o) => assert_eq!(o.metadata.name.as_deref(), Some("s")),
+        other => panic!("leaving the selector is a DELETED event: {other:?}"),
+    }
+    api.patch("s", &PatchParams::default(), &Patch::Merge(relabel("a")))
+        .await
+        .unwrap();
+    match stream.try_next().await.unwrap().unwrap() {
+        WatchEvent::Added(o) => assert_eq!(o.metadata.name.as_deref(), Some("s")),
+        other => panic!("entering the selector is an ADDED event: {other:?}"),
+    }
+}
