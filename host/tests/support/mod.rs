@@ -361,6 +361,31 @@ impl Drop for Worker {
     }
 }
 
+/// Polls the async `check` every 100 ms until it returns `Some`, or fails the test after
+/// `limit`, saying what it waited for and `context()` (a log, say).
+pub async fn eventually<T, Fut>(
+    limit: Duration,
+    what: &str,
+    context: impl Fn() -> String,
+    mut check: impl FnMut() -> Fut,
+) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls `ok` until it holds or `limit` passes (then fails the test, saying what it waited for).
 pub fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
