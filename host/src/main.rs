@@ -371,7 +371,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .shapers
                 .iter()
                 .filter(|s| !s.is_empty())
-                .map(|name| PluginRef { name: name.clone(), digest: None })
+                .map(PluginRef::named)
                 .collect(),
             default_autoscaler: args.default_autoscaler,
             default_queue_autoscaler: args.default_queue_autoscaler,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::build::{self, labels};
 use crate::children::{Child, ChildKind};
-use crate::crd::{self, Celery, MetricName, PluginUse, WorkerPool};
+use crate::crd::{Celery, MetricName, PluginUse, WorkerPool};
 use crate::plugin::bindings::{autoscaler::PoolInput, shaper::ShapeInput};
 use crate::plugin::{
     FailurePolicy, PluginError, PluginRef, Registry, Resolved, Role, settings_text,
@@ -123,6 +123,14 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
     for pool in &celery.spec.workers {
         add_autoscaler_objects(plugins, celery, &celery_json, pool, &mut shaped)?;
     }
+    // Last good objects of pools this resource no longer has are of no further use.
+    let uid = celery.uid().unwrap_or_default();
+    let pools = &celery.spec.workers;
+    plugins
+        .last_good
+        .lock()
+        .expect("last-good lock")
+        .retain(|(u, pool), _| *u != uid || pools.iter().any(|p| p.name == *pool));
     // The cluster's shapers (no settings), then the resource's own, each with its settings.
     let own = celery.spec.plugins.iter().flat_map(|p| &p.shapers);
     let chain = (plugins
@@ -130,7 +138,7 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
         .cluster_shapers
         .iter()
         .map(|r| (r.clone(), None)))
-    .chain(own.map(|s| (to_ref(s), s.settings.as_ref())));
+    .chain(own.map(|s| (PluginRef::from(s), s.settings.as_ref())));
     for (wanted, settings) in chain {
         let settings = settings_text(settings);
         let result = plugins
@@ -187,13 +195,6 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
     Ok(shaped)
 }
 
-fn to_ref(p: &crd::PluginRef) -> PluginRef {
-    PluginRef {
-        name: p.name.clone(),
-        digest: p.digest.clone(),
-    }
-}
-
 fn usage(role: Role, target: &str, r: &Resolved, fallback: Option<String>) -> PluginUse {
     PluginUse {
         role: role.to_string(),
@@ -209,19 +210,15 @@ fn usage(role: Role, target: &str, r: &Resolved, fallback: Option<String>) -> Pl
 pub fn autoscaler_of(config: &PluginConfig, pool: &WorkerPool) -> Option<PluginRef> {
     let autoscaling = pool.autoscaling.as_ref()?;
     Some(match &autoscaling.autoscaler {
-        Some(r) => to_ref(r),
-        None => PluginRef {
-            name: if autoscaling
-                .metrics
-                .iter()
-                .any(|m| m.name == MetricName::TaskQueueLength)
-            {
-                config.default_queue_autoscaler.clone()
-            } else {
-                config.default_autoscaler.clone()
-            },
-            digest: None,
-        },
+        Some(r) => PluginRef::from(r),
+        None if autoscaling
+            .metrics
+            .iter()
+            .any(|m| m.name == MetricName::TaskQueueLength) =>
+        {
+            PluginRef::named(&config.default_queue_autoscaler)
+        }
+        None => PluginRef::named(&config.default_autoscaler),
     })
 }
 

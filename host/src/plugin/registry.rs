@@ -20,6 +20,25 @@ pub struct PluginRef {
     pub digest: Option<String>,
 }
 
+impl PluginRef {
+    /// The current build of the plugin `name`.
+    pub fn named(name: impl Into<String>) -> Self {
+        PluginRef {
+            name: name.into(),
+            digest: None,
+        }
+    }
+}
+
+impl From<&crate::crd::PluginRef> for PluginRef {
+    fn from(r: &crate::crd::PluginRef) -> Self {
+        PluginRef {
+            name: r.name.clone(),
+            digest: r.digest.clone(),
+        }
+    }
+}
+
 /// Where a plugin came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {

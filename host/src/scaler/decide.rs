@@ -170,14 +170,8 @@ impl PoolScaler {
             ),
         };
         let wanted = match &autoscaling.scaler {
-            Some(s) => PluginRef {
-                name: s.name.clone(),
-                digest: s.digest.clone(),
-            },
-            None => PluginRef {
-                name: plugins.config.default_scaler.clone(),
-                digest: None,
-            },
+            Some(s) => PluginRef::from(s),
+            None => PluginRef::named(&plugins.config.default_scaler),
         };
         let decide = |r: &Resolved| {
             plugins
