@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -371,6 +372,29 @@ pub(crate) async fn publish(
     action: &str,
     note: String,
 ) {
+    let about = celery.object_ref(&());
+    publish_about(
+        &ctx.client,
+        &ctx.reporter,
+        &about,
+        type_,
+        reason,
+        action,
+        note,
+    )
+    .await;
+}
+
+/// Publishes an Event about any object (a Celery resource, a plugin ConfigMap).
+pub(crate) async fn publish_about(
+    client: &Client,
+    reporter: &Reporter,
+    about: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -381,8 +405,8 @@ pub(crate) async fn publish(
     };
     // A fresh recorder: kube's recorder folds Events with the same reason into one series
     // and keeps the first note, which would hide a new message behind an old one.
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    if let Err(e) = recorder.publish(&event, &celery.object_ref(&())).await {
+    let recorder = Recorder::new(client.clone(), reporter.clone());
+    if let Err(e) = recorder.publish(&event, about).await {
         warn!(error = %e, "could not publish Event");
     }
 }

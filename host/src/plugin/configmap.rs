@@ -10,7 +10,7 @@ use std::sync::Arc;
 use flate2::read::GzDecoder;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::registry::Source;
 use super::{Registry, Runtime};
 use crate::metrics::{Metrics, PluginLoadLabels};
+use crate::reconcile::publish_about;
 
 /// Label that marks a plugin ConfigMap; its value is the plugin's name.
 pub const PLUGIN_LABEL: &str = "celeryproject.org/plugin";
@@ -178,17 +179,8 @@ async fn report(
         .get_or_create(&PluginLoadLabels { result })
         .inc();
     let (type_, reason, note) = event;
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "LoadPlugin".into(),
-        secondary: None,
-    };
-    let recorder = Recorder::new(client.clone(), reporter.clone());
-    if let Err(e) = recorder.publish(&event, &cm.object_ref(&())).await {
-        warn!(error = %e, "could not publish Event");
-    }
+    let about = cm.object_ref(&());
+    publish_about(client, reporter, &about, type_, reason, "LoadPlugin", note).await;
 }
 
 #[cfg(test)]
