@@ -2,35 +2,137 @@
 //! ones, prune the stale ones.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
+use tracing::warn;
 
 use crate::build::{MANAGER, children_selector};
-use crate::children::{Child, ChildKind, LiveChild, drifted, stale};
+use crate::children::{Child, ChildKind, LiveChild, Served, drifted, stale};
 
 /// Live children of one Celery resource, keyed by kind and name.
 pub type LiveObjects = BTreeMap<(ChildKind, String), DynamicObject>;
 
-fn api(client: &Client, ns: &str, kind: ChildKind) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), ns, &kind.api_resource())
+/// Why the apply stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A request to the Kubernetes API failed.
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    /// A desired object is of a kind the cluster does not serve.
+    #[error(
+        "{kind}/{name}: the cluster does not serve {kind} at any of {versions:?}{hint}",
+        versions = kind.versions(),
+        hint = if matches!(kind, ChildKind::ScaledObject | ChildKind::TriggerAuthentication) {
+            " (is KEDA installed?)"
+        } else {
+            ""
+        }
+    )]
+    NotServed {
+        /// The kind.
+        kind: ChildKind,
+        /// The object's name.
+        name: String,
+    },
 }
 
-/// Lists every child kind by the operator's labels: one read per kind. A kind that the
+fn api(client: &Client, ns: &str, ar: &ApiResource) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, ar)
+}
+
+/// Asks the cluster which version of each child kind it serves: one discovery request per
+/// group version. A group version it does not serve answers 404, and older servers answer it
+/// in plain text rather than as a `Status`, so the code is what counts.
+pub async fn discover(client: &Client) -> Result<Served, kube::Error> {
+    let mut resources = BTreeMap::new();
+    for group_version in Served::group_versions() {
+        let list = if group_version.contains('/') {
+            client.list_api_group_resources(group_version).await
+        } else {
+            client.list_core_api_resources(group_version).await
+        };
+        match list {
+            Ok(list) => {
+                let names = list.resources.into_iter().map(|r| r.name).collect();
+                resources.insert(group_version, names);
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Served::choose(&resources))
+}
+
+/// The child kinds the cluster serves: discovered on first use, and again (at most once a
+/// minute) when a resource needs a kind that was not served, such as KEDA's after KEDA is
+/// installed.
+pub struct ServedKinds {
+    state: tokio::sync::Mutex<(Served, Option<Instant>)>,
+}
+
+/// How long a discovery that lacked a needed kind stands before it is asked again.
+const REDISCOVER_AFTER: Duration = Duration::from_secs(60);
+
+impl ServedKinds {
+    /// Not discovered yet: the first [`current`](Self::current) asks the cluster.
+    pub fn undiscovered() -> ServedKinds {
+        ServedKinds {
+            state: tokio::sync::Mutex::new((Served::newest(), None)),
+        }
+    }
+
+    /// Already known (tests of mocked APIs that do not answer discovery).
+    pub fn known(served: Served) -> ServedKinds {
+        ServedKinds {
+            state: tokio::sync::Mutex::new((served, Some(Instant::now()))),
+        }
+    }
+
+    /// What the cluster serves. Asks it first when it never answered, or when one of
+    /// `needed` was not served at the last discovery and that is a while ago. A failed
+    /// discovery keeps what was known (the newest versions, before the first answer).
+    pub async fn current(
+        &self,
+        client: &Client,
+        needed: impl IntoIterator<Item = ChildKind>,
+    ) -> Served {
+        let mut state = self.state.lock().await;
+        let (served, discovered) = &mut *state;
+        let stale = match discovered {
+            None => true,
+            Some(at) => {
+                at.elapsed() >= REDISCOVER_AFTER
+                    && needed.into_iter().any(|k| served.get(k).is_none())
+            }
+        };
+        if stale {
+            match discover(client).await {
+                Ok(found) => {
+                    *served = found;
+                    *discovered = Some(Instant::now());
+                }
+                Err(e) => warn!(error = %e, "API discovery failed; using the kinds known before"),
+            }
+        }
+        served.clone()
+    }
+}
+
+/// Lists every served child kind by the operator's labels: one read per kind. A kind the
 /// cluster does not serve (KEDA not installed) has no children.
 pub async fn list_children(
     client: &Client,
+    served: &Served,
     ns: &str,
     name: &str,
 ) -> Result<LiveObjects, kube::Error> {
     let params = ListParams::default().labels(&children_selector(name));
     let mut live = LiveObjects::new();
-    for kind in ChildKind::ALL {
-        let list = match api(client, ns, kind).list(&params).await {
-            Err(kube::Error::Api(s)) if s.is_not_found() && kind.optional() => continue,
-            list => list?,
-        };
-        for obj in list {
+    for kind in served.kinds() {
+        let ar = served.get(kind).expect("a served kind");
+        for obj in api(client, ns, ar).list(&params).await? {
             live.insert((kind, obj.name_any()), obj);
         }
     }
@@ -49,7 +151,7 @@ pub struct Applied {
     /// The children as they are now (live, or as the apply returned them).
     pub current: LiveObjects,
     /// The first error; applying stops there and nothing is pruned.
-    pub error: Option<kube::Error>,
+    pub error: Option<ApplyError>,
 }
 
 impl Applied {
@@ -64,8 +166,10 @@ impl Applied {
 ///
 /// Children are only pruned once every desired child is applied, so a failure half-way (a
 /// quota, a webhook) never leaves the application with fewer components than before.
+#[allow(clippy::too_many_arguments)]
 pub async fn apply_children(
     client: &Client,
+    served: &Served,
     ns: &str,
     owner_uid: &str,
     desired: &[Child],
@@ -89,9 +193,16 @@ pub async fn apply_children(
                 out.current.insert(key, obj);
             }
             existing => {
+                let Some(ar) = served.get(child.kind) else {
+                    out.error = Some(ApplyError::NotServed {
+                        kind: child.kind,
+                        name: child.name.clone(),
+                    });
+                    return out;
+                };
                 on_write(child.kind, "apply");
-                match api(client, ns, child.kind)
-                    .patch(&child.name, &params, &Patch::Apply(child.to_dynamic()))
+                match api(client, ns, ar)
+                    .patch(&child.name, &params, &Patch::Apply(child.to_dynamic(ar)))
                     .await
                 {
                     Ok(obj) => {
@@ -104,7 +215,7 @@ pub async fn apply_children(
                         out.current.insert(key, obj);
                     }
                     Err(e) => {
-                        out.error = Some(e);
+                        out.error = Some(e.into());
                         return out;
                     }
                 }
@@ -118,7 +229,8 @@ pub async fn apply_children(
         .collect();
     for child in stale(owner_uid, desired, &remaining, kept_pools) {
         on_write(child.kind, "delete");
-        match api(client, ns, child.kind)
+        let ar = served.get(child.kind).expect("a listed kind is served");
+        match api(client, ns, ar)
             .delete(&child.name, &DeleteParams::background())
             .await
         {
@@ -128,7 +240,7 @@ pub async fn apply_children(
             // Already gone: that is what we wanted.
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
             Err(e) => {
-                out.error = Some(e);
+                out.error = Some(e.into());
                 return out;
             }
         }

@@ -2,11 +2,8 @@
 //! pure decisions about them: does a live object drift from the desired one, and which live
 //! objects are stale and must be pruned.
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use std::collections::BTreeMap;
+
 use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
 use serde::Serialize;
@@ -46,17 +43,6 @@ impl ChildKind {
         ChildKind::TriggerAuthentication,
     ];
 
-    /// The kinds the controller watches, so that a changed or deleted child is repaired at
-    /// once. KEDA's kinds are not watched (KEDA may be absent); the periodic resync repairs
-    /// them.
-    pub const WATCHED: [ChildKind; 5] = [
-        ChildKind::Deployment,
-        ChildKind::Service,
-        ChildKind::Ingress,
-        ChildKind::PodDisruptionBudget,
-        ChildKind::HorizontalPodAutoscaler,
-    ];
-
     /// The kinds an autoscaler plugin may return.
     pub const AUTOSCALER: [ChildKind; 3] = [
         ChildKind::HorizontalPodAutoscaler,
@@ -65,27 +51,55 @@ impl ChildKind {
     ];
 
     /// The kind of an object with this `apiVersion` and `kind`, if the operator manages it.
+    /// Every version in [`versions`](Self::versions) is accepted.
     pub fn of(api_version: &str, kind: &str) -> Option<ChildKind> {
-        Self::ALL.into_iter().find(|k| {
-            let ar = k.api_resource();
-            ar.api_version == api_version && ar.kind == kind
-        })
+        Self::ALL
+            .into_iter()
+            .find(|k| k.kind() == kind && k.versions().contains(&api_version))
     }
 
-    /// The API resource (group, version, plural) of this kind.
-    pub fn api_resource(self) -> ApiResource {
+    /// The group versions that serve this kind with the fields the operator sets, newest
+    /// first. The newest is what the operator builds; the first one a cluster serves is what
+    /// it talks to (`policy/v1beta1` and `autoscaling/v2beta2` carry the same fields as their
+    /// successors and are all that clusters before 1.21 and 1.23 serve).
+    pub fn versions(self) -> &'static [&'static str] {
         match self {
-            ChildKind::Deployment => ApiResource::erase::<Deployment>(&()),
-            ChildKind::Service => ApiResource::erase::<Service>(&()),
-            ChildKind::Ingress => ApiResource::erase::<Ingress>(&()),
-            ChildKind::PodDisruptionBudget => ApiResource::erase::<PodDisruptionBudget>(&()),
-            ChildKind::HorizontalPodAutoscaler => {
-                ApiResource::erase::<HorizontalPodAutoscaler>(&())
-            }
-            ChildKind::ScaledObject => keda("ScaledObject", "scaledobjects"),
-            ChildKind::TriggerAuthentication => {
-                keda("TriggerAuthentication", "triggerauthentications")
-            }
+            ChildKind::Deployment => &["apps/v1"],
+            ChildKind::Service => &["v1"],
+            ChildKind::Ingress => &["networking.k8s.io/v1"],
+            ChildKind::PodDisruptionBudget => &["policy/v1", "policy/v1beta1"],
+            ChildKind::HorizontalPodAutoscaler => &["autoscaling/v2", "autoscaling/v2beta2"],
+            ChildKind::ScaledObject | ChildKind::TriggerAuthentication => &["keda.sh/v1alpha1"],
+        }
+    }
+
+    /// The API resource (group, version, plural) of this kind at its newest version.
+    pub fn api_resource(self) -> ApiResource {
+        self.api_resource_at(self.versions()[0])
+    }
+
+    /// The API resource of this kind at `api_version` (one of [`versions`](Self::versions)).
+    pub fn api_resource_at(self, api_version: &str) -> ApiResource {
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: self.kind().into(),
+            plural: self.plural().into(),
+        }
+    }
+
+    /// The resource name in URLs and RBAC rules.
+    pub fn plural(self) -> &'static str {
+        match self {
+            ChildKind::Deployment => "deployments",
+            ChildKind::Service => "services",
+            ChildKind::Ingress => "ingresses",
+            ChildKind::PodDisruptionBudget => "poddisruptionbudgets",
+            ChildKind::HorizontalPodAutoscaler => "horizontalpodautoscalers",
+            ChildKind::ScaledObject => "scaledobjects",
+            ChildKind::TriggerAuthentication => "triggerauthentications",
         }
     }
 
@@ -101,23 +115,65 @@ impl ChildKind {
             ChildKind::TriggerAuthentication => "TriggerAuthentication",
         }
     }
+}
 
-    /// Whether the kind is served only when an add-on (KEDA) is installed.
-    pub fn optional(self) -> bool {
-        matches!(
-            self,
-            ChildKind::ScaledObject | ChildKind::TriggerAuthentication
+/// The version of each child kind the cluster serves, found by discovery. A kind it does not
+/// serve (KEDA not installed) has none: there is nothing of it to list, watch or prune, and
+/// an object of it cannot be applied.
+#[derive(Clone, Debug)]
+pub struct Served(BTreeMap<ChildKind, ApiResource>);
+
+impl Served {
+    /// Every kind at its newest version: what a current cluster with KEDA serves.
+    pub fn newest() -> Served {
+        Served(
+            ChildKind::ALL
+                .into_iter()
+                .map(|k| (k, k.api_resource()))
+                .collect(),
         )
+    }
+
+    /// The group versions whose discovery [`choose`](Self::choose) needs.
+    pub fn group_versions() -> Vec<&'static str> {
+        let mut all: Vec<&str> = ChildKind::ALL
+            .into_iter()
+            .flat_map(|k| k.versions().iter().copied())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Picks, for each kind, the first of its [`versions`](ChildKind::versions) whose
+    /// discovery (`resources`: group version -> resource names; absent when not served)
+    /// lists it.
+    pub fn choose(resources: &BTreeMap<&str, Vec<String>>) -> Served {
+        let served = ChildKind::ALL.into_iter().filter_map(|kind| {
+            let version = kind.versions().iter().find(|v| {
+                resources
+                    .get(**v)
+                    .is_some_and(|names| names.iter().any(|n| n == kind.plural()))
+            })?;
+            Some((kind, kind.api_resource_at(version)))
+        });
+        Served(served.collect())
+    }
+
+    /// The API resource the cluster serves this kind at, if any.
+    pub fn get(&self, kind: ChildKind) -> Option<&ApiResource> {
+        self.0.get(&kind)
+    }
+
+    /// The kinds the cluster serves.
+    pub fn kinds(&self) -> impl Iterator<Item = ChildKind> + '_ {
+        self.0.keys().copied()
     }
 }
 
-fn keda(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: "keda.sh".into(),
-        version: "v1alpha1".into(),
-        api_version: "keda.sh/v1alpha1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
+impl std::fmt::Display for ChildKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
     }
 }
 
@@ -147,9 +203,12 @@ impl Child {
         }
     }
 
-    /// The object as a [`DynamicObject`], ready for server-side apply.
-    pub fn to_dynamic(&self) -> DynamicObject {
-        serde_json::from_value(self.object.clone()).expect("a child is a valid Kubernetes object")
+    /// The object as a [`DynamicObject`] of `served` (the version the cluster serves), ready
+    /// for server-side apply.
+    pub fn to_dynamic(&self, served: &ApiResource) -> DynamicObject {
+        let mut object = self.object.clone();
+        object["apiVersion"] = Value::String(served.api_version.clone());
+        serde_json::from_value(object).expect("a child is a valid Kubernetes object")
     }
 }
 
@@ -158,19 +217,31 @@ impl Child {
 /// Server-side apply of an unchanged object is still a write request; comparing first is
 /// what makes a reconcile with nothing to do issue no writes. Fields the API server or other
 /// controllers add (defaults, status, annotations) are ignored; a field the operator sets
-/// that was changed or removed is drift.
+/// that was changed or removed is drift. `apiVersion` and `kind` are not compared: items of
+/// a list response carry neither, and the cluster may serve an older version of the kind.
 pub fn drifted(desired: &Value, live: &Value) -> bool {
-    !contains(live, desired)
+    let Value::Object(desired) = desired else {
+        return !contains(live, desired);
+    };
+    desired
+        .iter()
+        .filter(|(key, _)| !matches!(key.as_str(), "apiVersion" | "kind"))
+        .any(|(key, dv)| !has_field(live, key, dv))
+}
+
+/// Whether the object `live` has field `key` with a value that contains `desired`.
+fn has_field(live: &Value, key: &str, desired: &Value) -> bool {
+    match live.get(key) {
+        Some(lv) => contains(lv, desired),
+        // The API server drops empty values (Go's `omitempty`).
+        None => is_empty(desired),
+    }
 }
 
 /// Whether `live` holds every field of `desired` with an equal value.
 fn contains(live: &Value, desired: &Value) -> bool {
     match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d.iter().all(|(key, dv)| match l.get(key) {
-            Some(lv) => contains(lv, dv),
-            // The API server drops empty values (Go's `omitempty`).
-            None => is_empty(dv),
-        }),
+        (Value::Object(d), Value::Object(_)) => d.iter().all(|(key, dv)| has_field(live, key, dv)),
         (Value::Array(d), Value::Array(l)) => {
             d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| contains(lv, dv))
         }
@@ -285,6 +356,19 @@ mod tests {
     }
 
     #[test]
+    fn list_items_without_api_version_and_kind_do_not_drift() {
+        let d = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                       "metadata": {"name": "a"}, "spec": {"maxUnavailable": 1}});
+        let listed = json!({"metadata": {"name": "a", "uid": "u"}, "spec": {"maxUnavailable": 1}});
+        assert!(!drifted(&d, &listed));
+        let older = json!({"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+                           "metadata": {"name": "a"}, "spec": {"maxUnavailable": 1}});
+        assert!(!drifted(&d, &older));
+        let changed = json!({"metadata": {"name": "a"}, "spec": {"maxUnavailable": 2}});
+        assert!(drifted(&d, &changed));
+    }
+
+    #[test]
     fn empty_desired_values_match_absent_live_ones() {
         let d = json!({"spec": {"env": [], "labels": {}, "x": null}});
         assert!(!drifted(&d, &json!({"spec": {}})));
@@ -352,6 +436,46 @@ mod tests {
     }
 
     #[test]
+    fn the_first_served_version_of_each_kind_is_chosen() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // What a 1.20 cluster without KEDA serves.
+        let resources = BTreeMap::from([
+            ("apps/v1", names(&["deployments", "deployments/scale"])),
+            ("v1", names(&["services", "pods"])),
+            ("networking.k8s.io/v1", names(&["ingresses"])),
+            ("policy/v1beta1", names(&["poddisruptionbudgets"])),
+            ("autoscaling/v2beta2", names(&["horizontalpodautoscalers"])),
+        ]);
+        let served = Served::choose(&resources);
+        let versions: Vec<_> = served
+            .kinds()
+            .map(|k| served.get(k).unwrap().api_version.clone())
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                "apps/v1",
+                "v1",
+                "networking.k8s.io/v1",
+                "policy/v1beta1",
+                "autoscaling/v2beta2"
+            ]
+        );
+        assert!(served.get(ChildKind::ScaledObject).is_none());
+        // Where both are served, the newest wins.
+        let mut both = resources.clone();
+        both.insert("policy/v1", names(&["poddisruptionbudgets"]));
+        let served = Served::choose(&both);
+        assert_eq!(
+            served
+                .get(ChildKind::PodDisruptionBudget)
+                .unwrap()
+                .api_version,
+            "policy/v1"
+        );
+    }
+
+    #[test]
     fn kinds_are_found_by_api_version_and_kind() {
         assert_eq!(
             ChildKind::of("keda.sh/v1alpha1", "ScaledObject"),
@@ -360,6 +484,24 @@ mod tests {
         assert_eq!(
             ChildKind::of("autoscaling/v2", "HorizontalPodAutoscaler"),
             Some(ChildKind::HorizontalPodAutoscaler)
+        );
+        assert_eq!(
+            ChildKind::of("policy/v1beta1", "PodDisruptionBudget"),
+            Some(ChildKind::PodDisruptionBudget)
+        );
+        assert_eq!(
+            ChildKind::of("autoscaling/v1", "HorizontalPodAutoscaler"),
+            None
+        );
+        assert_eq!(
+            ChildKind::HorizontalPodAutoscaler.api_resource_at("autoscaling/v2beta2"),
+            ApiResource {
+                group: "autoscaling".into(),
+                version: "v2beta2".into(),
+                api_version: "autoscaling/v2beta2".into(),
+                kind: "HorizontalPodAutoscaler".into(),
+                plural: "horizontalpodautoscalers".into(),
+            }
         );
         assert_eq!(ChildKind::of("v1", "ConfigMap"), None);
     }

@@ -10,9 +10,10 @@ use crate::children::ChildKind;
 use crate::crd::{Celery, GROUP};
 use kube::Resource;
 
-/// Verbs of the apply stage on every child kind: list (observe), patch (server-side apply),
-/// delete (prune).
-pub const CHILD_VERBS: [&str; 3] = ["list", "patch", "delete"];
+/// Verbs on every child kind: list and watch (observe), patch (server-side apply), create
+/// (Kubernetes authorizes a server-side apply that creates an object as `create` as well as
+/// `patch`), delete (prune).
+pub const CHILD_VERBS: [&str; 5] = ["create", "delete", "list", "patch", "watch"];
 
 /// One RBAC rule.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,28 +43,31 @@ pub fn watched_namespaces() -> Vec<Rule> {
         // get: a scaler loop checks whether its resource still exists.
         rule(GROUP, &plural, &["get", "list", "watch"]),
         rule(GROUP, &format!("{plural}/status"), &["patch"]),
+        // Children point to their resource with `blockOwnerDeletion`; clusters that enforce
+        // owner-reference permissions (the OwnerReferencesPermissionEnforcement admission
+        // plugin) require `update` on the owner's finalizers to set it.
+        rule(GROUP, &format!("{plural}/finalizers"), &["update"]),
         rule("events.k8s.io", "events", &["create"]),
         // The operator's own scaler: the broker URL, and the replicas of the pools it scales.
         rule("", "secrets", &["get"]),
         rule("apps", "deployments/scale", &["get", "patch"]),
     ];
     for kind in ChildKind::ALL {
+        // The same resource in every version the operator may talk to: RBAC rules name
+        // groups, not versions.
         let ar = kind.api_resource();
-        let mut verbs = CHILD_VERBS.to_vec();
-        if ChildKind::WATCHED.contains(&kind) {
-            verbs.push("watch");
-        }
-        rules.push(rule(&ar.group, &ar.plural, &verbs));
+        rules.push(rule(&ar.group, &ar.plural, &CHILD_VERBS));
     }
     rules.sort();
     rules
 }
 
-/// Permissions in the operator's own namespace: plugin ConfigMaps (read and watched) and the
-/// leader-election Lease.
+/// Permissions in the operator's own namespace: plugin ConfigMaps (read and watched, and
+/// Events about them) and the leader-election Lease.
 pub fn operator_namespace() -> Vec<Rule> {
     vec![
         rule("", "configmaps", &["list", "watch"]),
+        rule("events.k8s.io", "events", &["create"]),
         rule(
             "coordination.k8s.io",
             "leases",

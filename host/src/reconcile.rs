@@ -16,7 +16,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{self, Applied};
+use crate::apply::{self, Applied, ServedKinds};
 use crate::build::{self, MANAGER, labels};
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
@@ -50,6 +50,9 @@ pub enum Error {
     /// A request to the Kubernetes API failed.
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
+    /// A child could not be applied.
+    #[error("{0}")]
+    Apply(#[from] apply::ApplyError),
     /// A plugin failed and its failure policy is `fail`.
     #[error("{0}")]
     Plugin(#[from] shape::ShapeError),
@@ -62,6 +65,8 @@ pub enum Error {
 pub struct Context {
     /// The Kubernetes client.
     pub client: Client,
+    /// The version of each child kind the cluster serves.
+    pub served: ServedKinds,
     /// Who publishes the Events.
     pub reporter: Reporter,
     /// The operator's metrics.
@@ -91,6 +96,7 @@ impl Context {
         Context {
             reporter,
             client,
+            served: ServedKinds::undiscovered(),
             metrics,
             plugins,
             scalers: Arc::default(),
@@ -174,7 +180,12 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
         .expect("shaping does not panic");
 
     // Stage 4: observe the live children, apply what drifted, prune what is stale.
-    let live = apply::list_children(&ctx.client, &ns, &name).await?;
+    let needed: Vec<ChildKind> = shaped
+        .iter()
+        .flat_map(|s| s.children.iter().map(|c| c.kind))
+        .collect();
+    let served = ctx.served.current(&ctx.client, needed).await;
+    let live = apply::list_children(&ctx.client, &served, &ns, &name).await?;
     let on_write = |kind: ChildKind, operation| {
         let labels = WriteLabels {
             kind: kind.kind(),
@@ -188,6 +199,7 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
         Ok(shaped) if !shaped.hold => {
             apply::apply_children(
                 &ctx.client,
+                &served,
                 &ns,
                 &uid,
                 &shaped.children,
@@ -479,8 +491,12 @@ pub async fn run(
 
     let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
     let mut controller = Controller::new(celeries, watcher::Config::default());
-    for kind in ChildKind::WATCHED {
-        let ar = kind.api_resource();
+    // Every child kind the cluster serves is watched, so a changed or deleted child is
+    // repaired at once. A kind served only later (KEDA installed after the operator) is
+    // repaired by the periodic resync until the next restart.
+    let served = ctx.served.current(&client, []).await;
+    for kind in served.kinds() {
+        let ar = served.get(kind).expect("a served kind").clone();
         let children: Api<DynamicObject> = match &namespace {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
             None => Api::all_with(client.clone(), &ar),

@@ -145,8 +145,12 @@ pub fn adopt(celery: &Celery, pool: &str, object: &mut serde_json::Value) {
     }
 }
 
+/// The controller reference every child carries. `blockOwnerDeletion`: a foreground deletion
+/// of the resource waits until its children are gone.
 fn owner_reference(celery: &Celery) -> Option<OwnerReference> {
-    celery.controller_owner_ref(&())
+    let mut owner = celery.controller_owner_ref(&())?;
+    owner.block_owner_deletion = Some(true);
+    Some(owner)
 }
 
 fn selector(celery: &Celery, component: &str, pool: Option<&str>) -> LabelSelector {
