@@ -426,3 +426,4 @@ pub mod tempdir {
         }
     }
 }
+pub mod cluster;
