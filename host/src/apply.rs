@@ -20,6 +20,28 @@ pub enum ApplyError {
     /// A request to the Kubernetes API failed.
     #[error("{0}")]
     Kube(#[from] kube::Error),
+    /// A desired object is not a valid Kubernetes object (never expected: plugin answers are
+    /// checked before they become children).
+    #[error("{kind}/{name} is not a valid object: {error}")]
+    Invalid {
+        /// The kind.
+        kind: ChildKind,
+        /// The object's name.
+        name: String,
+        /// What is wrong.
+        error: serde_json::Error,
+    },
+    /// An object of a desired name exists and the resource does not control it.
+    #[error(
+        "{kind}/{name} exists and is not controlled by this Celery resource: it is left \
+         alone (delete or rename it, or rename what the resource asks for)"
+    )]
+    NotOwned {
+        /// The kind.
+        kind: ChildKind,
+        /// The object's name.
+        name: String,
+    },
     /// A desired object is of a kind the cluster does not serve.
     #[error(
         "{kind}/{name}: the cluster does not serve {kind} at any of {versions:?}{hint}",
@@ -36,6 +58,67 @@ pub enum ApplyError {
         /// The object's name.
         name: String,
     },
+}
+
+/// Applies one desired child when it drifted from `existing` (the live object of its name,
+/// when listed), looking first for an object of that name the list did not show.
+async fn apply_one(
+    client: &Client,
+    served: &Served,
+    ns: &str,
+    owner_uid: &str,
+    child: &Child,
+    existing: Option<DynamicObject>,
+    on_write: &impl Fn(ChildKind, &'static str),
+) -> Result<Step, ApplyError> {
+    let ar = served
+        .get(child.kind)
+        .ok_or_else(|| ApplyError::NotServed {
+            kind: child.kind,
+            name: child.name.clone(),
+        })?;
+    let api = api(client, ns, ar);
+    // Not listed under our labels: is there one anyway? (One request, only when creating.)
+    let existing = match existing {
+        Some(obj) => Some(obj),
+        None => api.get_opt(&child.name).await?,
+    };
+    let exists = existing.is_some();
+    if let Some(obj) = existing {
+        let ours = obj
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.controller == Some(true) && r.uid == owner_uid);
+        if !ours {
+            return Err(ApplyError::NotOwned {
+                kind: child.kind,
+                name: child.name.clone(),
+            });
+        }
+        if !drifted(
+            &child.object,
+            &serde_json::to_value(&obj).unwrap_or_default(),
+        ) {
+            return Ok(Step::Unchanged(obj));
+        }
+    }
+    let object = child.to_dynamic(ar).map_err(|error| ApplyError::Invalid {
+        kind: child.kind,
+        name: child.name.clone(),
+        error,
+    })?;
+    on_write(child.kind, "apply");
+    let params = PatchParams::apply(MANAGER).force();
+    let applied = api
+        .patch(&child.name, &params, &Patch::Apply(object))
+        .await?;
+    Ok(if exists {
+        Step::Updated(applied)
+    } else {
+        Step::Created(applied)
+    })
 }
 
 fn api(client: &Client, ns: &str, ar: &ApiResource) -> Api<DynamicObject> {
@@ -161,11 +244,23 @@ impl Applied {
     }
 }
 
+/// What applying one desired child did.
+enum Step {
+    /// Nothing drifted: no write.
+    Unchanged(DynamicObject),
+    /// Created.
+    Created(DynamicObject),
+    /// Drift repaired.
+    Updated(DynamicObject),
+}
+
 /// Applies the drifted desired children, then deletes the stale ones (but never the
 /// autoscaler objects of `kept_pools`).
 ///
 /// Children are only pruned once every desired child is applied, so a failure half-way (a
-/// quota, a webhook) never leaves the application with fewer components than before.
+/// quota, a webhook) never leaves the application with fewer components than before. An
+/// object of a desired name that the resource does not control (someone else's, even with
+/// our labels) is never taken over: that is an error, and it is left as it is.
 #[allow(clippy::too_many_arguments)]
 pub async fn apply_children(
     client: &Client,
@@ -178,47 +273,25 @@ pub async fn apply_children(
     on_write: impl Fn(ChildKind, &'static str),
 ) -> Applied {
     let mut out = Applied::default();
-    let params = PatchParams::apply(MANAGER).force();
     for child in desired {
         let key = (child.kind, child.name.clone());
         let existing = live.remove(&key);
-        let label = format!("{}/{}", child.kind.kind(), child.name);
-        match existing {
-            Some(obj)
-                if !drifted(
-                    &child.object,
-                    &serde_json::to_value(&obj).unwrap_or_default(),
-                ) =>
-            {
+        let label = format!("{}/{}", child.kind, child.name);
+        match apply_one(client, served, ns, owner_uid, child, existing, &on_write).await {
+            Ok(Step::Unchanged(obj)) => {
                 out.current.insert(key, obj);
             }
-            existing => {
-                let Some(ar) = served.get(child.kind) else {
-                    out.error = Some(ApplyError::NotServed {
-                        kind: child.kind,
-                        name: child.name.clone(),
-                    });
-                    return out;
-                };
-                on_write(child.kind, "apply");
-                match api(client, ns, ar)
-                    .patch(&child.name, &params, &Patch::Apply(child.to_dynamic(ar)))
-                    .await
-                {
-                    Ok(obj) => {
-                        if existing.is_some() {
-                            &mut out.updated
-                        } else {
-                            &mut out.created
-                        }
-                        .push(label);
-                        out.current.insert(key, obj);
-                    }
-                    Err(e) => {
-                        out.error = Some(e.into());
-                        return out;
-                    }
-                }
+            Ok(Step::Created(obj)) => {
+                out.created.push(label);
+                out.current.insert(key, obj);
+            }
+            Ok(Step::Updated(obj)) => {
+                out.updated.push(label);
+                out.current.insert(key, obj);
+            }
+            Err(e) => {
+                out.error = Some(e);
+                return out;
             }
         }
     }

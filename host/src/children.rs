@@ -205,10 +205,12 @@ impl Child {
 
     /// The object as a [`DynamicObject`] of `served` (the version the cluster serves), ready
     /// for server-side apply.
-    pub fn to_dynamic(&self, served: &ApiResource) -> DynamicObject {
-        let mut object = self.object.clone();
-        object["apiVersion"] = Value::String(served.api_version.clone());
-        serde_json::from_value(object).expect("a child is a valid Kubernetes object")
+    pub fn to_dynamic(&self, served: &ApiResource) -> Result<DynamicObject, serde_json::Error> {
+        let mut object: DynamicObject = serde_json::from_value(self.object.clone())?;
+        if let Some(types) = &mut object.types {
+            types.api_version = served.api_version.clone();
+        }
+        Ok(object)
     }
 }
 

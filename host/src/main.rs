@@ -18,7 +18,9 @@ use celery_operator::crd::Celery;
 use celery_operator::leader::Elector;
 use celery_operator::metrics::Metrics;
 use celery_operator::plugin::cli as plugin_cli;
-use celery_operator::plugin::{FailurePolicy, Limits, PluginRef, Registry, Runtime};
+use celery_operator::plugin::{
+    Compiler, FailurePolicy, Limits, PluginRef, Registry, Runtime, Sandbox, compile, runtime,
+};
 use celery_operator::shape::{self, PluginConfig, Plugins};
 use celery_operator::{http, reconcile, render};
 
@@ -83,6 +85,8 @@ enum PluginCommand {
     Check {
         /// The component (`.wasm`).
         file: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Calls the plugin once on an input file and prints its output (JSON) and how long the
     /// call took.
@@ -108,7 +112,14 @@ enum PluginCommand {
         /// Namespace of the ConfigMap: the operator's own.
         #[arg(long)]
         namespace: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
+    /// Compiles a component read from standard input and writes wasmtime's serialized form
+    /// to standard output: the bounded child process the operator and the CLI compile
+    /// untrusted plugins in. Not for people.
+    #[command(hide = true)]
+    CompileSandboxed,
 }
 
 /// Bounds of every plugin call.
@@ -123,6 +134,13 @@ struct LimitArgs {
     /// Output a call may return, in KiB.
     #[arg(long, env = "PLUGIN_OUTPUT_KIB", default_value_t = 4096)]
     plugin_output_kib: usize,
+    /// Wall-clock time compiling a plugin may take, in seconds (it runs in a child process,
+    /// killed at this deadline).
+    #[arg(long, env = "PLUGIN_COMPILE_TIMEOUT_SECONDS", default_value_t = Sandbox::DEFAULT_TIMEOUT.as_secs())]
+    plugin_compile_timeout_seconds: u64,
+    /// Memory compiling a plugin may use, in MiB.
+    #[arg(long, env = "PLUGIN_COMPILE_MEMORY_MIB", default_value_t = Sandbox::DEFAULT_MEMORY_BYTES >> 20)]
+    plugin_compile_memory_mib: u64,
 }
 
 impl LimitArgs {
@@ -132,6 +150,14 @@ impl LimitArgs {
             memory_bytes: self.plugin_memory_mib << 20,
             output_bytes: self.plugin_output_kib << 10,
         }
+    }
+
+    /// Untrusted plugins are compiled by a bounded child process of this binary.
+    fn compiler(&self) -> Compiler {
+        Compiler::Sandboxed(Sandbox::this_binary(
+            Duration::from_secs(self.plugin_compile_timeout_seconds.max(1)),
+            self.plugin_compile_memory_mib << 20,
+        ))
     }
 }
 
@@ -252,7 +278,8 @@ fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
         deadline: Duration::from_secs(2),
         ..Limits::default()
     };
-    let registry = Registry::with_builtins(Arc::new(Runtime::new(limits)))?;
+    // Only the built-ins exist here: compiled in process.
+    let registry = Registry::with_builtins(Arc::new(Runtime::new(limits, Compiler::InProcess)))?;
     let plugins = Plugins::new(Arc::new(registry), PluginConfig::default());
     let mut docs = Vec::new();
     for file in files {
@@ -314,8 +341,8 @@ fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
 
 fn plugin(command: PluginCommand) -> anyhow::Result<()> {
     match command {
-        PluginCommand::Check { file } => {
-            let report = plugin_cli::check(&read(&file)?)
+        PluginCommand::Check { file, limits } => {
+            let report = plugin_cli::check(&read(&file)?, limits.compiler())
                 .with_context(|| format!("{} is not a usable plugin", file.display()))?;
             println!("file:            {}\n{report}", file.display());
         }
@@ -332,7 +359,13 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             })?;
             let input = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
-            let (output, took) = plugin_cli::run(&read(&file)?, role, &input, limits.limits())?;
+            let (output, took) = plugin_cli::run(
+                &read(&file)?,
+                role,
+                &input,
+                limits.limits(),
+                limits.compiler(),
+            )?;
             println!("{}", serde_json::to_string_pretty(&output)?);
             eprintln!("call took {:.1} µs", took.as_secs_f64() * 1e6);
         }
@@ -340,10 +373,19 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             file,
             name,
             namespace,
+            limits,
         } => {
-            let yaml = plugin_cli::pack(&read(&file)?, &name, namespace.as_deref())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let yaml = plugin_cli::pack(
+                &read(&file)?,
+                &name,
+                namespace.as_deref(),
+                limits.compiler(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             print!("{yaml}");
+        }
+        PluginCommand::CompileSandboxed => {
+            compile::serve(runtime::engine()).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     Ok(())
@@ -364,7 +406,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let metrics = Arc::new(Metrics::default());
         let ready = Arc::new(AtomicBool::new(false));
         let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), ready.clone()));
-        let runtime = Arc::new(Runtime::new(args.limits.limits()));
+        let runtime = Arc::new(Runtime::new(args.limits.limits(), args.limits.compiler()));
         let registry = Arc::new(Registry::with_builtins(runtime)?);
         let config = PluginConfig {
             cluster_shapers: args

@@ -10,10 +10,11 @@ use crate::children::ChildKind;
 use crate::crd::{Celery, GROUP};
 use kube::Resource;
 
-/// Verbs on every child kind: list and watch (observe), patch (server-side apply), create
+/// Verbs on every child kind: list and watch (observe), get (is there an object of that name
+/// the resource does not control, before creating one), patch (server-side apply), create
 /// (Kubernetes authorizes a server-side apply that creates an object as `create` as well as
 /// `patch`), delete (prune).
-pub const CHILD_VERBS: [&str; 5] = ["create", "delete", "list", "patch", "watch"];
+pub const CHILD_VERBS: [&str; 6] = ["create", "delete", "get", "list", "patch", "watch"];
 
 /// One RBAC rule.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -56,6 +56,9 @@ pub enum Error {
     /// A plugin failed and its failure policy is `fail`.
     #[error("{0}")]
     Plugin(#[from] shape::ShapeError),
+    /// A stage panicked (a bug): the resource is retried, the operator carries on.
+    #[error("internal error: {0}")]
+    Panicked(String),
     /// The object lacks metadata the API server always sets.
     #[error("Celery resource has no {0}")]
     MissingMetadata(&'static str),
@@ -177,7 +180,9 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
     let (plugins, owned) = (ctx.plugins.clone(), celery.clone());
     let shaped = tokio::task::spawn_blocking(move || shape::shape(&plugins, &owned, built))
         .await
-        .expect("shaping does not panic");
+        // A bug, never a plugin's doing (their answers are checked): this resource fails,
+        // the operator carries on.
+        .map_err(|e| Error::Panicked(e.to_string()))?;
 
     // Stage 4: observe the live children, apply what drifted, prune what is stale.
     let needed: Vec<ChildKind> = shaped
@@ -410,8 +415,8 @@ pub(crate) async fn publish_about(
     let event = Event {
         type_,
         reason: reason.into(),
-        // The Events API limits notes to 1 kB.
-        note: Some(note.chars().take(1000).collect()),
+        // The Events API limits notes to 1 KiB; parts of a note may come from plugins.
+        note: Some(crate::text::clean(&note, crate::text::limit::EVENT_NOTE)),
         action: action.into(),
         secondary: None,
     };

@@ -74,12 +74,12 @@ pub fn render(yaml: &str, plugins: &Plugins) -> Result<String, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::{Limits, Registry, Runtime};
+    use crate::plugin::{Compiler, Limits, Registry, Runtime};
     use crate::shape::PluginConfig;
     use std::sync::Arc;
 
     fn plugins() -> Plugins {
-        let runtime = Arc::new(Runtime::new(Limits::default()));
+        let runtime = Arc::new(Runtime::new(Limits::default(), Compiler::InProcess));
         let registry = Registry::with_builtins(runtime).unwrap();
         Plugins::new(Arc::new(registry), PluginConfig::default())
     }

@@ -7,15 +7,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use kube::ResourceExt;
-use serde_json::Value;
 
-use crate::build::{self, labels};
-use crate::children::{Child, ChildKind};
+use crate::build;
+use crate::children::Child;
 use crate::crd::{Celery, MetricName, PluginUse, WorkerPool};
 use crate::plugin::bindings::{autoscaler::PoolInput, shaper::ShapeInput};
 use crate::plugin::{
     FailurePolicy, PluginError, PluginRef, Registry, Resolved, Role, settings_text,
 };
+use crate::plugin_output;
 
 /// The autoscaler name meaning "no objects: the operator's own scaler loop scales".
 pub const OPERATOR_AUTOSCALER: &str = "operator";
@@ -119,7 +119,7 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
         children: built,
         ..Default::default()
     };
-    let celery_json = serde_json::to_string(celery).expect("a Celery resource serializes");
+    let celery_json = celery_for_plugins(celery);
     for pool in &celery.spec.workers {
         add_autoscaler_objects(plugins, celery, &celery_json, pool, &mut shaped)?;
     }
@@ -331,20 +331,7 @@ fn run_autoscaler(
     let out = registry
         .runtime()
         .autoscaler_objects(&resolved.plugin, input)?;
-    out.iter()
-        .map(|text| {
-            let (kind, name, mut object) = parse_object(text)?;
-            if !ChildKind::AUTOSCALER.contains(&kind) {
-                return Err(PluginError::BadOutput(format!(
-                    "an autoscaler plugin may return HorizontalPodAutoscaler, ScaledObject and \
-                     TriggerAuthentication objects, not {}",
-                    kind.kind()
-                )));
-            }
-            build::adopt(celery, &pool.name, &mut object);
-            Ok(Child { kind, name, object })
-        })
-        .collect()
+    plugin_output::autoscaler_children(celery, pool, &out)
 }
 
 fn run_shaper(
@@ -360,67 +347,51 @@ fn run_shaper(
         settings,
     };
     let out = registry.runtime().shape(&resolved.plugin, &input)?;
-    out.iter()
-        .map(|text| {
-            let (kind, name, mut object) = parse_object(text)?;
-            let original = children
-                .iter()
-                .find(|c| c.kind == kind && c.name == name)
-                .ok_or_else(|| {
-                    PluginError::BadOutput(format!(
-                        "a shaper may change or drop objects but not add or rename them: {} {name} was not in its input",
-                        kind.kind()
-                    ))
-                })?;
-            restore_identity(&original.object, &mut object);
-            Ok(Child { kind, name, object })
-        })
-        .collect()
+    plugin_output::shaped_children(children, &out)
 }
 
-/// A shaper cannot move an object to another namespace, disown it, or break the labels the
-/// operator selects and prunes by: those are put back as they were.
-fn restore_identity(original: &Value, shaped: &mut Value) {
-    let meta = &original["metadata"];
-    shaped["metadata"]["namespace"] = meta["namespace"].clone();
-    shaped["metadata"]["ownerReferences"] = meta["ownerReferences"].clone();
-    if shaped["metadata"]["ownerReferences"].is_null()
-        && let Some(m) = shaped["metadata"].as_object_mut()
-    {
-        m.remove("ownerReferences");
-    }
-    for key in [
-        labels::NAME,
-        labels::INSTANCE,
-        labels::COMPONENT,
-        labels::MANAGED_BY,
-        labels::POOL,
-    ] {
-        let value = &meta["labels"][key];
-        if !value.is_null() {
-            shaped["metadata"]["labels"][key] = value.clone();
-        }
-    }
+/// The resource as plugins see it: identity and spec. Not its status, which holds other
+/// plugins' messages, nor its managed fields.
+pub fn celery_for_plugins(celery: &Celery) -> String {
+    let m = &celery.metadata;
+    serde_json::json!({
+        "apiVersion": "celeryproject.org/v1alpha1",
+        "kind": "Celery",
+        "metadata": {
+            "name": m.name, "namespace": m.namespace, "uid": m.uid,
+            "generation": m.generation, "labels": m.labels, "annotations": m.annotations,
+        },
+        "spec": celery.spec,
+    })
+    .to_string()
 }
 
-/// Parses one object a plugin returned.
-fn parse_object(text: &str) -> Result<(ChildKind, String, Value), PluginError> {
-    let object: Value =
-        serde_json::from_str(text).map_err(|e| PluginError::BadOutput(format!("not JSON: {e}")))?;
-    let field = |path: &[&str]| {
-        path.iter()
-            .try_fold(&object, |v, k| v.get(k))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| PluginError::BadOutput(format!("an object has no {}", path.join("."))))
-    };
-    let api_version = field(&["apiVersion"])?;
-    let kind_name = field(&["kind"])?;
-    let name = field(&["metadata", "name"])?;
-    let kind = ChildKind::of(&api_version, &kind_name).ok_or_else(|| {
-        PluginError::BadOutput(format!(
-            "{api_version} {kind_name} is not a kind the operator manages"
-        ))
-    })?;
-    Ok((kind, name, object))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugins_see_the_spec_but_not_the_status() {
+        let mut celery = crate::build::tests::celery(crate::build::tests::FULL);
+        celery.status = Some(crate::crd::CeleryStatus {
+            conditions: vec![crate::status::condition(
+                &[],
+                "PluginsHealthy",
+                false,
+                "PluginFailed",
+                "another plugin's message".into(),
+                None,
+                &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+            )],
+            ..Default::default()
+        });
+        let seen: serde_json::Value = serde_json::from_str(&celery_for_plugins(&celery)).unwrap();
+        assert!(seen.get("status").is_none());
+        assert!(!seen.to_string().contains("another plugin's message"));
+        assert_eq!(seen["spec"], serde_json::to_value(&celery.spec).unwrap());
+        assert_eq!(
+            seen["metadata"]["name"],
+            celery.metadata.name.clone().unwrap()
+        );
+    }
 }

@@ -260,7 +260,8 @@ pub(crate) fn condition(
         type_: type_.into(),
         status: status.into(),
         reason: reason.into(),
-        message,
+        // Parts of a message may come from plugins.
+        message: crate::text::clean(&message, crate::text::limit::CONDITION),
         observed_generation: generation,
         last_transition_time,
     }

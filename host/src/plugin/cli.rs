@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::bindings::{autoscaler, scaler, shaper};
 use super::configmap::{PLUGIN_LABEL, WASM_GZ_KEY, WASM_KEY};
-use super::{Limits, Plugin, PluginError, Role, Runtime, WIT_PACKAGE, settings_text};
+use super::{Compiler, Limits, Plugin, PluginError, Role, Runtime, WIT_PACKAGE, settings_text};
 
 /// Largest component `pack` writes into a ConfigMap: Kubernetes stores at most about 1 MiB
 /// per object, and binaryData is base64 (4/3 larger) inside it.
@@ -36,6 +36,13 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "wit package:     {WIT_PACKAGE}@{}", p.wit_version)?;
         let worlds: Vec<_> = p.roles.iter().map(|r| r.world()).collect();
         writeln!(f, "worlds:          {}", worlds.join(", "))?;
+        if !p.ignored.is_empty() {
+            writeln!(
+                f,
+                "ignored:         {} (versions this operator does not serve)",
+                super::runtime::listed(&p.ignored)
+            )?;
+        }
         writeln!(f, "size:            {} bytes", p.size)?;
         writeln!(f, "digest:          {}", p.digest)?;
         write!(
@@ -46,9 +53,9 @@ impl std::fmt::Display for CheckReport {
     }
 }
 
-/// Compiles and checks a component.
-pub fn check(bytes: &[u8]) -> Result<CheckReport, PluginError> {
-    let runtime = Runtime::new(Limits::default());
+/// Compiles (with `compiler`) and checks a component.
+pub fn check(bytes: &[u8], compiler: Compiler) -> Result<CheckReport, PluginError> {
+    let runtime = Runtime::new(Limits::default(), compiler);
     let start = Instant::now();
     let plugin = runtime.load(bytes)?;
     Ok(CheckReport {
@@ -148,8 +155,9 @@ pub fn run(
     role: Role,
     input: &str,
     limits: Limits,
+    compiler: Compiler,
 ) -> Result<(Value, Duration), RunError> {
-    let runtime = Runtime::new(limits);
+    let runtime = Runtime::new(limits, compiler);
     let plugin = runtime.load(plugin_bytes)?;
     let bad = |e: serde_json::Error| RunError::Input {
         world: role.world(),
@@ -235,9 +243,14 @@ fn objects_json(objects: Vec<String>) -> Value {
 }
 
 /// A ConfigMap (YAML) that ships the plugin to a cluster, gzip-compressed when that is
-/// smaller. The plugin is checked first.
-pub fn pack(bytes: &[u8], name: &str, namespace: Option<&str>) -> Result<String, String> {
-    let plugin = Runtime::new(Limits::default())
+/// smaller. The plugin is checked first (compiled by `compiler`).
+pub fn pack(
+    bytes: &[u8],
+    name: &str,
+    namespace: Option<&str>,
+    compiler: Compiler,
+) -> Result<String, String> {
+    let plugin = Runtime::new(Limits::default(), compiler)
         .load(bytes)
         .map_err(|e| e.to_string())?;
     let mut gz = GzEncoder::new(Vec::new(), Compression::best());

@@ -129,7 +129,10 @@ pub async fn watch(
                 // Compiling takes tens of milliseconds: keep it off the async workers.
                 let loaded = tokio::task::spawn_blocking(move || load(&reg, &loading))
                     .await
-                    .expect("loading a plugin does not panic");
+                    .unwrap_or_else(|e| Loaded::Refused {
+                        name: None,
+                        error: format!("internal error while loading: {e}"),
+                    });
                 report(&client, &reporter, &metrics, &cm, &loaded).await;
                 if loaded != Loaded::Unchanged {
                     changed();

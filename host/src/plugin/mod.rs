@@ -5,12 +5,15 @@
 pub mod bindings;
 pub mod builtin;
 pub mod cli;
+pub mod compile;
 pub mod configmap;
 pub mod registry;
 pub mod runtime;
+pub mod wasi;
 
 use std::time::Duration;
 
+pub use compile::{Compiler, Sandbox};
 pub use registry::{PluginRef, Registry, Resolved};
 pub use runtime::{Limits, Plugin, Runtime};
 

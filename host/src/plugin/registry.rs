@@ -102,7 +102,7 @@ impl Registry {
         let mut builtins = BTreeMap::new();
         let mut entries = BTreeMap::new();
         for (name, bytes) in builtin::ALL {
-            let plugin = runtime.load(bytes).map_err(|e| {
+            let plugin = runtime.load_builtin(bytes).map_err(|e| {
                 PluginError::Invalid(format!("built-in plugin {name} does not load: {e}"))
             })?;
             builtins.insert(name.to_string(), plugin.clone());

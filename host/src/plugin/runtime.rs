@@ -1,35 +1,50 @@
-//! The sandbox: one shared wasmtime [`Engine`], components compiled once and cached by the
-//! sha256 of their bytes, and every call in a fresh [`Store`] with a wall-clock deadline
-//! (epoch interruption), a memory cap and an output size cap.
-//!
-//! Plugins get WASI only so that components built with a language's standard library
-//! instantiate at all: no environment, arguments, files, network or real clock (both clocks
-//! read zero); standard output is discarded and standard error is kept (bounded) only to
-//! explain a panic.
+//! The sandbox: one shared wasmtime [`Engine`]; components compiled (untrusted ones in a
+//! bounded child process, see [`compile`](super::compile)), checked (exports, WIT versions,
+//! and function types by a trial instantiation) and cached by the sha256 of their bytes for
+//! as long as a plugin uses them; every call in a fresh [`Store`] with a wall-clock deadline
+//! (epoch interruption), one memory budget for every memory and table its instances create,
+//! and an output size cap. Plugins get only the non-blocking WASI of [`wasi`](super::wasi).
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{autoscaler, scaler, shaper};
+use super::compile::Compiler;
+use super::wasi::{self, Wasi};
 use super::{PluginError, Role, WIT_PACKAGE, WIT_VERSIONS_SERVED};
+use crate::text::{self, limit};
 
 /// How often the deadline clock ticks.
 const TICK: Duration = Duration::from_millis(5);
 /// Bytes of a plugin's standard error kept for error messages.
 const STDERR_CAPACITY: usize = 4096;
+/// Instances, memories and tables one call may create. A component built from Rust has a
+/// handful of each; the memory budget bounds their sizes together.
+const MAX_INSTANCES: usize = 64;
+const MAX_MEMORIES: usize = 32;
+const MAX_TABLES: usize = 64;
+/// What one table element costs against the memory budget (a pointer and bookkeeping).
+const TABLE_ELEMENT_BYTES: usize = 16;
+/// Names listed in a refusal message, at most.
+const LISTED_NAMES: usize = 8;
+
+/// The engine configuration every plugin is compiled for, here and in the sandboxed
+/// compiler (which must produce code this process accepts).
+fn config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config
+}
 
 /// The one engine of the process, with a thread that advances its epoch every [`TICK`].
 static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
-    let mut config = Config::new();
-    config.epoch_interruption(true);
-    let engine = Engine::new(&config).expect("the wasmtime configuration is valid");
+    let engine = Engine::new(&config()).expect("the wasmtime configuration is valid");
     let ticker = engine.clone();
     std::thread::Builder::new()
         .name("plugin-epoch".into())
@@ -43,7 +58,7 @@ static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
     engine
 });
 
-/// The engine every plugin is compiled for (for benchmarks of compilation).
+/// The engine every plugin is compiled for.
 pub fn engine() -> &'static Engine {
     &ENGINE
 }
@@ -53,7 +68,7 @@ pub fn engine() -> &'static Engine {
 pub struct Limits {
     /// Wall-clock time one call may take.
     pub deadline: Duration,
-    /// Linear memory a plugin instance may grow to.
+    /// Memory one call may allocate: every linear memory and table of its instances together.
     pub memory_bytes: usize,
     /// Total bytes of the strings a call may return.
     pub output_bytes: usize,
@@ -75,10 +90,13 @@ pub struct Plugin {
     pub digest: String,
     /// Size of the component in bytes.
     pub size: usize,
-    /// The WIT package version it speaks.
+    /// The WIT package version of the interfaces it is used for.
     pub wit_version: String,
-    /// The roles it implements (one per exported interface).
+    /// The roles it implements (one per exported interface of a served version).
     pub roles: Vec<Role>,
+    /// Interfaces of the package it exports at versions this operator does not serve
+    /// (`celery:operator/shaper@0.2.0`): ignored.
+    pub ignored: Vec<String>,
     shaper: Option<shaper::ShaperPluginPre<State>>,
     autoscaler: Option<autoscaler::AutoscalerPluginPre<State>>,
     scaler: Option<scaler::ScalerPluginPre<State>>,
@@ -97,64 +115,103 @@ impl std::fmt::Debug for Plugin {
 
 /// Per-call state of a store.
 struct State {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
+    wasi: Wasi,
+    budget: Budget,
     stderr: MemoryOutputPipe,
 }
 
-impl WasiView for State {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
+impl wasi::HasWasi for State {
+    fn wasi(&mut self) -> &mut Wasi {
+        &mut self.wasi
+    }
+}
+
+/// One memory budget for everything a call's instances allocate: linear memories (as they
+/// are created and as they grow) and table elements, together.
+struct Budget {
+    limit: usize,
+    used: usize,
+}
+
+/// A call tried to go past its memory budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the plugin exceeded its memory limit of {0} bytes")]
+struct OverBudget(usize);
+
+impl Budget {
+    fn take(&mut self, bytes: usize) -> wasmtime::Result<bool> {
+        match self.used.checked_add(bytes).filter(|t| *t <= self.limit) {
+            Some(total) => {
+                self.used = total;
+                Ok(true)
+            }
+            None => Err(OverBudget(self.limit).into()),
         }
     }
 }
 
-/// A clock stopped at the Unix epoch: plugins get the time only as an input.
-struct Stopped;
-
-impl HostWallClock for Stopped {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
+impl ResourceLimiter for Budget {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.take(desired.saturating_sub(current))
     }
-    fn now(&self) -> Duration {
-        Duration::ZERO
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.take(
+            desired
+                .saturating_sub(current)
+                .saturating_mul(TABLE_ELEMENT_BYTES),
+        )
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
-
-impl HostMonotonicClock for Stopped {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
-    }
-}
-
-/// Compiled components by digest, for the whole process: compiling is the expensive step
-/// and never happens twice for the same bytes.
-static COMPILED: LazyLock<Mutex<HashMap<String, Component>>> = LazyLock::new(Mutex::default);
 
 /// Loads, caches and calls plugins.
 pub struct Runtime {
     linker: Linker<State>,
     limits: Limits,
-    /// Checked, linked plugins by digest.
-    cache: Mutex<HashMap<String, Arc<Plugin>>>,
+    compiler: Compiler,
+    /// Checked plugins by digest, for as long as something (the registry) holds them.
+    cache: Mutex<HashMap<String, Weak<Plugin>>>,
 }
 
 impl Runtime {
-    /// A runtime whose calls are bounded by `limits`.
-    pub fn new(limits: Limits) -> Self {
+    /// A runtime whose calls are bounded by `limits` and whose untrusted components are
+    /// compiled by `compiler`.
+    pub fn new(limits: Limits, compiler: Compiler) -> Self {
         let mut linker = Linker::new(&ENGINE);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("WASI links once");
+        wasi::add_to_linker(&mut linker).expect("the sandbox's WASI links once");
         Runtime {
             linker,
             limits,
+            compiler,
             cache: Mutex::default(),
         }
+    }
+
+    /// The bounds of every call.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The digest of plugin bytes, as `sha256:<hex>`.
@@ -162,44 +219,53 @@ impl Runtime {
         format!("sha256:{:x}", Sha256::digest(bytes))
     }
 
-    /// Compiles and checks a component (or returns the cached one with the same digest).
+    /// How many compiled plugins are in memory (held by a registry or a caller).
+    pub fn builds_in_memory(&self) -> usize {
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.retain(|_, p| p.strong_count() > 0);
+        cache.len()
+    }
+
+    /// Compiles (with the runtime's compiler) and checks untrusted bytes, or returns the
+    /// plugin already loaded from the same bytes.
     ///
-    /// Slow for new bytes (tens of milliseconds): call it when a plugin is installed, never
-    /// on the decision path.
+    /// Slow for new bytes (tens of milliseconds, more for large components): call it when a
+    /// plugin is installed, never on the decision path.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
+        self.load_with(bytes, &self.compiler)
+    }
+
+    /// Like [`load`](Self::load) for bytes the operator ships itself (the built-ins):
+    /// compiled in this process.
+    pub fn load_builtin(&self, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
+        self.load_with(bytes, &Compiler::InProcess)
+    }
+
+    fn load_with(&self, bytes: &[u8], compiler: &Compiler) -> Result<Arc<Plugin>, PluginError> {
         let digest = Self::digest(bytes);
-        if let Some(p) = self.cache.lock().expect("cache lock").get(&digest) {
-            return Ok(p.clone());
+        if let Some(p) = self.cached(&digest) {
+            return Ok(p);
         }
-        let compiled = COMPILED
-            .lock()
-            .expect("compiled lock")
-            .get(&digest)
-            .cloned();
-        let component = match compiled {
-            Some(c) => c,
-            None => {
-                let c = Component::new(&ENGINE, bytes).map_err(|e| {
-                    PluginError::Invalid(format!("not a WebAssembly component: {e:#}"))
-                })?;
-                COMPILED
-                    .lock()
-                    .expect("compiled lock")
-                    .insert(digest.clone(), c.clone());
-                c
-            }
+        let component = compiler.compile(&ENGINE, bytes)?;
+        let exports = exported_roles(&component)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            PluginError::Invalid(text::clean(
+                &format!(
+                    "it imports what the sandbox does not provide (plugins get no files, \
+                     network, environment or real clock): {e:#}"
+                ),
+                limit::PLUGIN_MESSAGE,
+            ))
+        })?;
+        let invalid = |e: wasmtime::Error| {
+            PluginError::Invalid(text::clean(&format!("{e:#}"), limit::PLUGIN_MESSAGE))
         };
-        let (roles, wit_version) = exported_roles(&component)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Invalid(format!("cannot be linked: {e:#}")))?;
-        let invalid = |e: wasmtime::Error| PluginError::Invalid(format!("{e:#}"));
-        let has = |r| roles.contains(&r);
-        let plugin = Arc::new(Plugin {
+        let has = |r| exports.roles.contains(&r);
+        let plugin = Plugin {
             digest: digest.clone(),
             size: bytes.len(),
-            wit_version,
+            wit_version: exports.version,
+            ignored: exports.ignored,
             shaper: has(Role::Shaper)
                 .then(|| shaper::ShaperPluginPre::new(pre.clone()))
                 .transpose()
@@ -212,13 +278,53 @@ impl Runtime {
                 .then(|| scaler::ScalerPluginPre::new(pre))
                 .transpose()
                 .map_err(invalid)?,
-            roles,
-        });
+            roles: exports.roles,
+        };
+        self.check_types(&plugin)?;
+        let plugin = Arc::new(plugin);
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.retain(|_, p| p.strong_count() > 0);
+        cache.insert(digest, Arc::downgrade(&plugin));
+        Ok(plugin)
+    }
+
+    fn cached(&self, digest: &str) -> Option<Arc<Plugin>> {
         self.cache
             .lock()
             .expect("cache lock")
-            .insert(digest, plugin.clone());
-        Ok(plugin)
+            .get(digest)?
+            .upgrade()
+    }
+
+    /// Instantiates the plugin once per role, under the call limits: the functions it
+    /// exports are type-checked against the WIT on instantiation, so a build whose `shape`
+    /// has the wrong type (or that cannot even start within the limits) is refused now, not
+    /// at its first call.
+    fn check_types(&self, plugin: &Plugin) -> Result<(), PluginError> {
+        let wrong = |role: Role, e: PluginError| {
+            PluginError::Invalid(text::clean(
+                &format!(
+                    "it does not instantiate as a {WIT_PACKAGE}@{} {} plugin within the call \
+                     limits: {e}",
+                    plugin.wit_version,
+                    role.interface(),
+                ),
+                limit::PLUGIN_MESSAGE,
+            ))
+        };
+        if let Some(pre) = &plugin.shaper {
+            self.call(|store| pre.instantiate(store).map(drop))
+                .map_err(|e| wrong(Role::Shaper, e))?;
+        }
+        if let Some(pre) = &plugin.autoscaler {
+            self.call(|store| pre.instantiate(store).map(drop))
+                .map_err(|e| wrong(Role::Autoscaler, e))?;
+        }
+        if let Some(pre) = &plugin.scaler {
+            self.call(|store| pre.instantiate(store).map(drop))
+                .map_err(|e| wrong(Role::Scaler, e))?;
+        }
+        Ok(())
     }
 
     /// Runs `call` in a fresh store under the limits, turning traps into clear errors.
@@ -227,28 +333,18 @@ impl Runtime {
         call: impl FnOnce(&mut Store<State>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        let wasi = WasiCtx::builder()
-            .stderr(stderr.clone())
-            .wall_clock(Stopped)
-            .monotonic_clock(Stopped)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
-            .trap_on_grow_failure(true)
-            .build();
         let mut store = Store::new(
             &ENGINE,
             State {
-                wasi,
-                table: ResourceTable::new(),
-                limits,
+                wasi: Wasi::new(stderr.clone()),
+                budget: Budget {
+                    limit: self.limits.memory_bytes,
+                    used: 0,
+                },
                 stderr,
             },
         );
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.budget);
         let ticks = (self.limits.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
@@ -256,26 +352,25 @@ impl Runtime {
     }
 
     fn classify(&self, error: wasmtime::Error, stderr: &MemoryOutputPipe) -> PluginError {
+        if error.downcast_ref::<OverBudget>().is_some() {
+            return PluginError::MemoryExceeded(self.limits.memory_bytes);
+        }
+        if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
+            return PluginError::Timeout(self.limits.deadline);
+        }
         let stderr = String::from_utf8_lossy(&stderr.contents())
             .lines()
             .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
             .collect::<Vec<_>>()
-            .join(" ")
-            .trim()
-            .to_string();
-        match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => PluginError::Timeout(self.limits.deadline),
-            // What the store limiter says when it refuses to grow memory.
-            _ if format!("{error:#}").contains("forcing trap when growing memory") => {
-                PluginError::MemoryExceeded(self.limits.memory_bytes)
-            }
-            trap => PluginError::Trap {
-                message: match trap {
-                    Some(trap) => trap.to_string(),
-                    None => error.root_cause().to_string(),
-                },
-                stderr,
-            },
+            .join(" ");
+        let message = match error.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            // Backtraces carry the plugin's own function names.
+            None => format!("{:#}", error.root_cause()),
+        };
+        PluginError::Trap {
+            message: text::clean(&message, limit::PLUGIN_MESSAGE),
+            stderr: text::clean(stderr.trim(), limit::PLUGIN_MESSAGE),
         }
     }
 
@@ -290,7 +385,7 @@ impl Runtime {
     }
 
     /// Instantiates `pre` (the plugin's bindings for `role`) and makes one call. A plugin's
-    /// own error answer becomes [`PluginError::Rejected`].
+    /// own error answer becomes [`PluginError::Rejected`], cleaned and bounded.
     fn call_role<P, R>(
         &self,
         plugin: &Plugin,
@@ -303,7 +398,7 @@ impl Runtime {
             roles: plugin.roles.clone(),
         })?;
         self.call(|store| call(pre, store))?
-            .map_err(PluginError::Rejected)
+            .map_err(|m| PluginError::Rejected(text::clean(&m, limit::PLUGIN_MESSAGE)))
     }
 
     /// Calls a shaper.
@@ -342,13 +437,13 @@ impl Runtime {
         Ok(objects)
     }
 
-    /// Calls a scaling-decision plugin.
+    /// Calls a scaling-decision plugin. The reason is cleaned and bounded.
     pub fn decide(
         &self,
         plugin: &Plugin,
         input: &scaler::ScalingInput,
     ) -> Result<scaler::Decision, PluginError> {
-        let decision = self.call_role(
+        let mut decision = self.call_role(
             plugin,
             Role::Scaler,
             plugin.scaler.as_ref(),
@@ -359,17 +454,43 @@ impl Runtime {
             },
         )?;
         self.check_output(decision.reason.len())?;
+        decision.reason = text::clean(&decision.reason, limit::REASON);
         Ok(decision)
     }
 }
 
-/// The roles a component exports, and the WIT version it speaks. A component of another
-/// version of our package is rejected here, with the versions this host serves.
-fn exported_roles(component: &Component) -> Result<(Vec<Role>, String), PluginError> {
+/// What a component exports of our package.
+struct Exports {
+    roles: Vec<Role>,
+    version: String,
+    ignored: Vec<String>,
+}
+
+/// `names` for a message: at most [`LISTED_NAMES`], each cleaned and short.
+pub(crate) fn listed(names: &[String]) -> String {
+    let mut shown: Vec<String> = names
+        .iter()
+        .take(LISTED_NAMES)
+        .map(|n| text::clean(n, 80))
+        .collect();
+    if names.len() > LISTED_NAMES {
+        shown.push(format!("and {} more", names.len() - LISTED_NAMES));
+    }
+    shown.join(", ")
+}
+
+/// The roles a component exports at a version this operator serves, that version, and the
+/// interfaces of the package it exports at other versions. A component with no interface of
+/// a served version is refused, with the versions this host serves.
+fn exported_roles(component: &Component) -> Result<Exports, PluginError> {
     let ty = component.component_type();
-    let names: Vec<&str> = ty.exports(&ENGINE).map(|(name, _)| name).collect();
+    let names: Vec<String> = ty
+        .exports(&ENGINE)
+        .map(|(name, _)| name.to_string())
+        .collect();
     let mut roles = Vec::new();
-    let mut versions = Vec::new();
+    let mut versions: Vec<&str> = Vec::new();
+    let mut ignored = Vec::new();
     for name in &names {
         let Some(rest) = name
             .strip_prefix(WIT_PACKAGE)
@@ -378,26 +499,41 @@ fn exported_roles(component: &Component) -> Result<(Vec<Role>, String), PluginEr
             continue;
         };
         let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
-        versions.push(version.to_string());
-        if WIT_VERSIONS_SERVED.contains(&version) {
-            roles.extend(Role::ALL.into_iter().filter(|r| r.interface() == interface));
+        let role = Role::ALL.into_iter().find(|r| r.interface() == interface);
+        match role {
+            Some(role) if WIT_VERSIONS_SERVED.contains(&version) => {
+                roles.push(role);
+                versions.push(version);
+            }
+            _ => ignored.push(name.clone()),
         }
     }
-    if roles.is_empty() {
-        let served = WIT_VERSIONS_SERVED.join(", ");
-        return Err(PluginError::Invalid(match versions.first() {
-            Some(v) => format!(
-                "the component speaks {WIT_PACKAGE}@{v}; this operator serves {WIT_PACKAGE}@{served}"
-            ),
-            None => format!(
-                "the component exports no {WIT_PACKAGE} interface (exports: {}); this operator serves {WIT_PACKAGE}@{served}",
-                if names.is_empty() {
-                    "none".into()
-                } else {
-                    names.join(", ")
-                }
-            ),
-        }));
+    versions.sort();
+    versions.dedup();
+    let served = WIT_VERSIONS_SERVED.join(", ");
+    match versions.as_slice() {
+        [version] => Ok(Exports {
+            roles,
+            version: version.to_string(),
+            ignored,
+        }),
+        [] if !ignored.is_empty() => Err(PluginError::Invalid(format!(
+            "the component speaks versions of {WIT_PACKAGE} this operator does not serve \
+             ({}); it serves {WIT_PACKAGE}@{served}",
+            listed(&ignored)
+        ))),
+        [] => Err(PluginError::Invalid(format!(
+            "the component exports no {WIT_PACKAGE} interface (exports: {}); this operator \
+             serves {WIT_PACKAGE}@{served}",
+            if names.is_empty() {
+                "none".into()
+            } else {
+                listed(&names)
+            }
+        ))),
+        several => Err(PluginError::Invalid(format!(
+            "the component mixes versions of {WIT_PACKAGE} ({}): one plugin speaks one version",
+            several.join(", ")
+        ))),
     }
-    Ok((roles, versions[0].clone()))
 }

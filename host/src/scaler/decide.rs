@@ -230,7 +230,7 @@ impl PoolScaler {
 mod tests {
     use super::*;
     use crate::plugin::registry::Source;
-    use crate::plugin::{Limits, Registry, Runtime};
+    use crate::plugin::{Compiler, Limits, Registry, Runtime};
     use crate::shape::PluginConfig;
     use std::sync::Arc;
     use std::time::Duration;
@@ -240,7 +240,8 @@ mod tests {
             deadline: Duration::from_secs(1),
             ..Limits::default()
         };
-        let registry = Registry::with_builtins(Arc::new(Runtime::new(limits))).unwrap();
+        let registry =
+            Registry::with_builtins(Arc::new(Runtime::new(limits, Compiler::InProcess))).unwrap();
         let config = PluginConfig {
             scaler_failure: policy,
             ..PluginConfig::default()

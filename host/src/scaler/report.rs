@@ -64,7 +64,8 @@ pub fn entry(
         current_replicas: replicas(current),
         desired_replicas: replicas(desired),
         last_decision: decision.into(),
-        reason: reason.clone(),
+        // Partly the scaler plugin's words.
+        reason: crate::text::clean(reason, crate::text::limit::PLUGIN_MESSAGE),
         plugin: plugin
             .filter(|_| active)
             .map(|(name, digest)| format!("{name} {digest}")),

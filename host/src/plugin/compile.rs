@@ -1,0 +1,229 @@
+//! Compiling untrusted components without trusting them: in a child process with a wall-clock
+//! deadline and a memory cap.
+//!
+//! Compilation cannot be interrupted from inside: a valid component of a hundred kilobytes
+//! (one function with tens of thousands of locals and blocks) keeps Cranelift busy for
+//! seconds and takes gigabytes. So the bytes of a plugin from a ConfigMap or a file are
+//! compiled by a child process (`celery-operator plugin compile-sandboxed`, the same binary
+//! and engine configuration) whose data segment is capped with `RLIMIT_DATA` and which is
+//! killed at the deadline. It hands back wasmtime's serialized form of the component, which
+//! the parent loads (with wasmtime's own version and configuration checks).
+//!
+//! The built-in plugins, which ship inside the binary, are compiled in process.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use super::PluginError;
+
+/// The hidden subcommand the child runs.
+pub const SUBCOMMAND: [&str; 2] = ["plugin", "compile-sandboxed"];
+/// Largest serialized component accepted from the child.
+const MAX_ARTIFACT_BYTES: usize = 512 << 20;
+
+/// Where components are compiled.
+#[derive(Clone, Debug)]
+pub enum Compiler {
+    /// In this process, without bounds: only for bytes the operator ships itself (the
+    /// built-in plugins) and for tests.
+    InProcess,
+    /// In a child process, bounded.
+    Sandboxed(Sandbox),
+}
+
+/// The bounds of a sandboxed compilation.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    /// The `celery-operator` binary that runs the compilation.
+    pub program: PathBuf,
+    /// Wall-clock time a compilation may take.
+    pub timeout: Duration,
+    /// Memory (data segment: heap and anonymous mappings) the compilation may use.
+    pub memory_bytes: u64,
+}
+
+impl Sandbox {
+    /// Default bounds: 10 s, 512 MiB. The default plugins compile in about 100 ms and
+    /// 30 MiB.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// See [`Sandbox::DEFAULT_TIMEOUT`].
+    pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+
+    /// This very binary as the compiler (the operator and the CLI).
+    pub fn this_binary(timeout: Duration, memory_bytes: u64) -> Sandbox {
+        Sandbox {
+            program: std::env::current_exe().unwrap_or_else(|_| "celery-operator".into()),
+            timeout,
+            memory_bytes,
+        }
+    }
+}
+
+impl Compiler {
+    /// Compiles `bytes` for `engine`.
+    pub fn compile(&self, engine: &Engine, bytes: &[u8]) -> Result<Component, PluginError> {
+        match self {
+            Compiler::InProcess => Component::new(engine, bytes).map_err(invalid),
+            Compiler::Sandboxed(sandbox) => {
+                let artifact = sandbox.run(bytes)?;
+                // SAFETY: the artifact comes from our own child process, which compiled it
+                // with this binary's engine configuration; wasmtime checks the version and
+                // configuration it was made with before using it.
+                unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| {
+                    PluginError::Invalid(format!("the compiled component does not load: {e:#}"))
+                })
+            }
+        }
+    }
+}
+
+fn invalid(e: wasmtime::Error) -> PluginError {
+    PluginError::Invalid(crate::text::clean(
+        &format!("not a WebAssembly component: {e:#}"),
+        crate::text::limit::PLUGIN_MESSAGE,
+    ))
+}
+
+impl Sandbox {
+    fn run(&self, bytes: &[u8]) -> Result<Vec<u8>, PluginError> {
+        let memory = self.memory_bytes;
+        let cpu_seconds = self.timeout.as_secs() + 1;
+        let mut command = Command::new(&self.program);
+        command
+            .args(SUBCOMMAND)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_clear();
+        // SAFETY: only async-signal-safe calls (setrlimit, prctl) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let data = libc::rlimit {
+                    rlim_cur: memory,
+                    rlim_max: memory,
+                };
+                let cpu = libc::rlimit {
+                    rlim_cur: cpu_seconds,
+                    rlim_max: cpu_seconds,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &data) != 0
+                    || libc::setrlimit(libc::RLIMIT_CPU, &cpu) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            PluginError::Invalid(format!(
+                "cannot start the plugin compiler {}: {e}",
+                self.program.display()
+            ))
+        })?;
+        // Feed and drain on threads of their own, so neither pipe can stall the other.
+        let mut stdin = child.stdin.take().expect("piped");
+        let input = bytes.to_vec();
+        let feeder = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let mut stdout = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = (&mut stdout)
+                .take(MAX_ARTIFACT_BYTES as u64 + 1)
+                .read_to_end(&mut out);
+            out
+        });
+        let mut stderr = child.stderr.take().expect("piped");
+        let errors = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = (&mut stderr).take(64 << 10).read_to_end(&mut out);
+            out
+        });
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| {
+                PluginError::Invalid(format!("the plugin compiler could not be waited for: {e}"))
+            })? {
+                break Some(status);
+            }
+            if start.elapsed() >= self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _ = feeder.join();
+        let artifact = reader.join().unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&errors.join().unwrap_or_default()).into_owned();
+        let Some(status) = status else {
+            return Err(PluginError::Invalid(format!(
+                "compiling took longer than {:?} and was stopped",
+                self.timeout
+            )));
+        };
+        if status.success() && artifact.len() <= MAX_ARTIFACT_BYTES {
+            return Ok(artifact);
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let message = match status.signal() {
+            Some(libc::SIGXCPU) | Some(libc::SIGKILL) => format!(
+                "compiling took longer than {:?} and was stopped",
+                self.timeout
+            ),
+            _ if [
+                "memory allocation",
+                "out of memory",
+                "failed to spawn",
+                "Cannot allocate",
+            ]
+            .iter()
+            .any(|m| stderr.contains(m)) =>
+            {
+                format!(
+                    "compiling needed more than {} MiB and was stopped",
+                    self.memory_bytes >> 20
+                )
+            }
+            _ if status.success() => format!(
+                "the compiled component is larger than {} MiB",
+                MAX_ARTIFACT_BYTES >> 20
+            ),
+            _ => stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("error: "))
+                .map(String::from)
+                .unwrap_or_else(|| format!("the plugin compiler failed ({status}): {stderr}")),
+        };
+        Err(PluginError::Invalid(crate::text::clean(
+            &message,
+            crate::text::limit::PLUGIN_MESSAGE,
+        )))
+    }
+}
+
+/// The child's side: reads a component from standard input, compiles it for `engine` and
+/// writes the serialized form to standard output.
+pub fn serve(engine: &Engine) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .take(super::configmap::MAX_PLUGIN_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the component: {e}"))?;
+    let component = Component::new(engine, &bytes)
+        .map_err(|e| format!("not a WebAssembly component: {e:#}"))?;
+    let artifact = component
+        .serialize()
+        .map_err(|e| format!("serializing the compiled component: {e:#}"))?;
+    std::io::stdout()
+        .write_all(&artifact)
+        .map_err(|e| format!("writing the compiled component: {e}"))
+}
