@@ -12,7 +12,7 @@ use celery_operator::build::desired_children;
 use celery_operator::crd::Celery;
 use celery_operator::plugin::bindings::scaler;
 use celery_operator::plugin::runtime::engine;
-use celery_operator::plugin::{Limits, PluginRef, Registry, Runtime, builtin};
+use celery_operator::plugin::{Compiler, Limits, PluginRef, Registry, Runtime, builtin};
 use celery_operator::shape::{PluginConfig, Plugins, shape};
 
 fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
@@ -38,9 +38,15 @@ fn time<R>(n: usize, mut f: impl FnMut() -> R) -> Vec<Duration> {
 }
 
 fn main() {
-    let runtime = Runtime::new(Limits::default());
+    // `DECIDE_CALLS=N`: only load the queue-length plugin and make N decide calls (for
+    // instruction counts under `valgrind --tool=callgrind`, which are repeatable where
+    // timings on these machines are not).
+    let decide_only: Option<usize> = std::env::var("DECIDE_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let runtime = Runtime::new(Limits::default(), Compiler::InProcess);
 
-    for (name, bytes) in builtin::ALL {
+    for (name, bytes) in builtin::ALL.iter().filter(|_| decide_only.is_none()) {
         let samples = time(10, || {
             wasmtime::component::Component::new(engine(), bytes).expect("compiles")
         });
@@ -71,6 +77,12 @@ fn main() {
         history: vec![],
         settings: "{}".into(),
     };
+    if let Some(calls) = decide_only {
+        for _ in 0..calls {
+            std::hint::black_box(runtime.decide(&plugin, &input).unwrap());
+        }
+        return;
+    }
     time(200, || runtime.decide(&plugin, &input).unwrap());
     report(
         "decide: queue-length, fresh Store per call",

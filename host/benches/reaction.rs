@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use celery_operator::crd::Celery;
 use celery_operator::metrics::Metrics;
-use celery_operator::plugin::{Limits, Registry, Runtime};
+use celery_operator::plugin::{Compiler, Limits, Registry, Runtime};
 use celery_operator::reconcile::Context;
 use celery_operator::shape::{PluginConfig, Plugins};
 use http::{Request, Response, StatusCode};
@@ -96,7 +96,11 @@ async fn main() {
     let celery: Celery = serde_saphyr::from_str(CELERY).unwrap();
     let (tx, mut patches) = mpsc::unbounded_channel();
     let client = serve_api(redis.url(), serde_json::to_value(&celery).unwrap(), tx);
-    let registry = Registry::with_builtins(Arc::new(Runtime::new(Limits::default()))).unwrap();
+    let registry = Registry::with_builtins(Arc::new(Runtime::new(
+        Limits::default(),
+        Compiler::InProcess,
+    )))
+    .unwrap();
     let plugins = Arc::new(Plugins::new(Arc::new(registry), PluginConfig::default()));
     let ctx = Arc::new(Context::new(
         client,

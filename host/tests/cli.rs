@@ -1,5 +1,7 @@
 //! The `celery-operator` binary as a user runs it.
 
+mod support;
+
 use std::process::Command;
 
 fn operator(args: &[&str]) -> std::process::Output {
@@ -125,7 +127,11 @@ fn plugin_check_reports_world_version_size_and_digest() {
     let out = operator(&["plugin", "check", &plugin_file("future_version")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("speaks celery:operator@0.2.0"), "{err}");
+    assert!(
+        err.contains("celery:operator/scaler@0.2.0")
+            && err.contains("serves celery:operator@0.1.0"),
+        "{err}"
+    );
 }
 
 /// `plugin run` with a deadline that a loaded machine running a debug build cannot miss.
@@ -230,4 +236,66 @@ fn plugin_pack_prints_a_configmap_the_operator_loads() {
         "the ConfigMap holds the exact component"
     );
     assert!(gz.len() < bytes.len());
+}
+
+/// The CLI compiles and runs untrusted components in the same sandbox as the operator: a
+/// compile bomb is stopped at the compile bounds, a refusal is short whatever the component
+/// holds, a sleeping plugin returns at once, and nothing a plugin says reaches the terminal
+/// raw.
+#[test]
+fn plugin_check_and_run_are_bounded_on_hostile_components() {
+    let dir = support::tempdir::Dir::new("cli-hostile");
+    let write = |name: &str, bytes: Vec<u8>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.display().to_string()
+    };
+    let bomb = write("bomb.wasm", support::hostile::compile_bomb(50_000, 4_000));
+    let start = std::time::Instant::now();
+    let out = operator(&[
+        "plugin",
+        "check",
+        &bomb,
+        "--plugin-compile-timeout-seconds",
+        "3",
+        "--plugin-compile-memory-mib",
+        "256",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("compiling"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(15));
+
+    let many = write("many.wasm", support::hostile::many_exports(20_000));
+    let out = operator(&["plugin", "check", &many]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.len() < 1500, "{} bytes", out.stderr.len());
+
+    let input = |pool: &str| {
+        let text = serde_json::json!({"pool": pool, "nowMs": 1000, "currentReplicas": 2,
+            "minReplicas": 0, "maxReplicas": 5, "targetPerReplica": 5.0,
+            "samples": [{"atMs": 1000, "queues": [{"name": "q", "ready": 1, "reserved": 0}]}]});
+        write(&format!("{pool}.json"), text.to_string().into_bytes())
+    };
+    let hostile = plugin_file("hostile");
+    let start = std::time::Instant::now();
+    let out = plugin_run(&hostile, "scaler-plugin", &input("sleep"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    let out = plugin_run(&hostile, "scaler-plugin", &input("control-chars"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("redevil"), "{printed}");
+    assert!(
+        !printed.contains('\u{1b}') && !printed.contains("\\u001b"),
+        "{printed}"
+    );
 }

@@ -775,3 +775,149 @@ async fn the_default_chart_runs_the_examples_on_the_real_control_plane() {
     );
     assert_nothing_forbidden(&cluster, 0, &op);
 }
+
+/// Hostile plugins shipped as ConfigMaps never take the operator down: a compile bomb is
+/// refused within the compile bounds, a shaper's malformed objects and a scaler that sleeps
+/// are plugin failures or nothing at all, an autoscaler's object named like an HPA the
+/// resource does not control is not taken over (nor deleted with the resource), and the
+/// operator keeps serving every other resource.
+#[tokio::test]
+async fn hostile_plugin_configmaps_never_take_the_operator_down() {
+    let cluster = Cluster::in_memory().await;
+    let redis = support::Redis::start();
+    cluster.secret(&redis.url()).await;
+    let mut op = cluster.operator(
+        "operator",
+        &[
+            "--plugin-compile-timeout-seconds",
+            "3",
+            "--plugin-compile-memory-mib",
+            "256",
+        ],
+    );
+    let configmaps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), &cluster.operator_ns);
+    for (name, bytes) in [
+        ("bomb", support::hostile::compile_bomb(50_000, 4_000)),
+        ("evil", fixture("hostile")),
+    ] {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("{name}-plugin"), "namespace": cluster.operator_ns,
+                         "labels": {"celeryproject.org/plugin": name}},
+            "binaryData": {"plugin.wasm": k8s_openapi::ByteString(bytes)}});
+        configmaps
+            .patch(
+                &format!("{name}-plugin"),
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(cm),
+            )
+            .await
+            .unwrap();
+    }
+    wait(
+        LONG,
+        "the bomb is refused and the fixture loaded",
+        &op,
+        || async {
+            let refused = op.metric("celery_operator_plugin_loads_total{result=\"refused\"}");
+            let loaded = op.metric("celery_operator_plugin_loads_total{result=\"loaded\"}");
+            (refused >= 1.0 && loaded >= 1.0).then_some(())
+        },
+    )
+    .await;
+
+    // Someone's own HPA, even labelled like ours.
+    let foreign = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "foreign", "namespace": cluster.ns,
+                     "labels": {"app.kubernetes.io/managed-by": "celery-operator", "app.kubernetes.io/instance": "taker"}},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mine"},
+                 "minReplicas": 1, "maxReplicas": 2}});
+    support::cluster::apply(&cluster.client, &foreign).await;
+
+    let base =
+        "app: tasks\nimage: img\nbroker: {type: redis, secretRef: {name: broker, key: url}}\n";
+    let resources = [
+        (
+            "taker",
+            format!(
+                "{base}workers:\n  - name: take-over\n    autoscaling: {{minReplicas: 1, maxReplicas: 3, autoscaler: {{name: evil}}, metrics: [{{name: cpu, target: {{type: Utilization, averageUtilization: 50}}}}]}}\n"
+            ),
+        ),
+        (
+            "broken",
+            format!(
+                "{base}workers: [{{name: a}}]\nplugins: {{shapers: [{{name: evil, settings: {{mode: bad-labels}}}}]}}\n"
+            ),
+        ),
+        (
+            "sleeper",
+            format!(
+                "{base}workers:\n  - name: sleep\n    autoscaling: {{minReplicas: 1, maxReplicas: 3, scaler: {{name: evil}}, pollIntervalSeconds: 1, metrics: [{{name: taskQueueLength, target: {{type: AverageValue, averageValue: \"5\"}}}}]}}\n"
+            ),
+        ),
+        (
+            "bombed",
+            format!("{base}workers: [{{name: a}}]\nplugins: {{shapers: [{{name: bomb}}]}}\n"),
+        ),
+        ("plain", format!("{base}workers: [{{name: a}}]\n")),
+    ];
+    for (name, spec) in &resources {
+        apply_celery(&cluster, &celery(&cluster, name, spec)).await;
+    }
+    let degraded = |name: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let c = condition(cluster, name, "Degraded").await?;
+            (c["status"] == "True").then(|| c["message"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    let taken = wait(LONG, "the take-over is refused", &op, || degraded("taker")).await;
+    assert!(
+        taken.contains("HorizontalPodAutoscaler/foreign") && taken.contains("not controlled"),
+        "{taken}"
+    );
+    let broken = wait(
+        LONG,
+        "the malformed shaper answer is a failure",
+        &op,
+        || degraded("broken"),
+    )
+    .await;
+    assert!(
+        broken.contains("shaper plugin evil failed") && broken.contains("invalid answer"),
+        "{broken}"
+    );
+    let bombed = wait(LONG, "the refused plugin is reported", &op, || {
+        degraded("bombed")
+    })
+    .await;
+    assert!(bombed.contains("bomb"), "{bombed}");
+    wait(LONG, "the sleeping scaler decides", &op, || async {
+        let c = celeries(&cluster).get("sleeper").await.ok()?;
+        (c.data["status"]["scaling"][0]["reason"] == "ok").then_some(())
+    })
+    .await;
+    until_ready(&cluster, &op, "plain").await;
+    op.assert_running();
+
+    // The foreign HPA is as it was, and stays when the resource that wanted it goes.
+    let hpas: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.ns,
+        &celery_operator::children::ChildKind::HorizontalPodAutoscaler.api_resource(),
+    );
+    let hpa = hpas.get("foreign").await.unwrap();
+    assert!(
+        hpa.metadata.owner_references.is_none(),
+        "{:?}",
+        hpa.metadata
+    );
+    celeries(&cluster)
+        .delete("taker", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(hpas.get_opt("foreign").await.unwrap().is_some());
+    let rss = op.peak_rss_kib() >> 10;
+    eprintln!("operator peak RSS under hostile plugins: {rss} MiB");
+    assert!(rss < 400, "peak RSS {rss} MiB");
+}

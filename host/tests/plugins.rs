@@ -1,5 +1,8 @@
 //! The plugin runtime with real components: the default plugins through the host, hostile
-//! plugins (built from `plugins/testing/`), the failure policies, and ConfigMap swaps.
+//! plugins (built from `plugins/testing/`, and written from scratch in
+//! `support/hostile.rs`), the failure policies, and ConfigMap swaps.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,26 +13,40 @@ use celery_operator::plugin::bindings::{autoscaler::PoolInput, scaler, shaper::S
 use celery_operator::plugin::configmap::{self, Loaded, PLUGIN_LABEL, WASM_KEY};
 use celery_operator::plugin::registry::Source;
 use celery_operator::plugin::{
-    FailurePolicy, Limits, PluginError, PluginRef, Registry, Role, Runtime, builtin,
+    Compiler, FailurePolicy, Limits, PluginError, PluginRef, Registry, Role, Runtime, Sandbox,
+    builtin,
 };
 use celery_operator::shape::{self, PluginConfig, Plugins, ShapeError};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::{Value, json};
+use support::hostile;
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// Untrusted components are compiled as in the operator: by a bounded child process of the
+/// operator binary (an unoptimised build here, so with room to spare).
+fn compiler() -> Compiler {
+    Compiler::Sandboxed(Sandbox {
+        program: env!("CARGO_BIN_EXE_celery-operator").into(),
+        timeout: Duration::from_secs(60),
+        memory_bytes: 1 << 30,
+    })
+}
+
 /// Tests run an unoptimised build on a loaded 2-core machine: a 1 s deadline keeps good calls
 /// clear of it, while an endless loop still runs into it.
+const LIMITS: Limits = Limits {
+    deadline: Duration::from_secs(1),
+    memory_bytes: 32 << 20,
+    output_bytes: 1 << 20,
+};
+
 fn runtime() -> Runtime {
-    Runtime::new(Limits {
-        deadline: Duration::from_secs(1),
-        memory_bytes: 32 << 20,
-        output_bytes: 1 << 20,
-    })
+    Runtime::new(LIMITS, compiler())
 }
 
 fn pool_input(pool: &str, autoscaling: Value, broker_type: &str) -> PoolInput {
@@ -290,11 +307,14 @@ fn hostile_plugins_fail_cleanly_and_good_ones_keep_working() {
 #[test]
 fn output_larger_than_the_cap_is_refused() {
     // Room for the 64 MiB answer in memory, but not past the output cap.
-    let rt = Runtime::new(Limits {
-        deadline: Duration::from_secs(5),
-        memory_bytes: 256 << 20,
-        output_bytes: 1 << 20,
-    });
+    let rt = Runtime::new(
+        Limits {
+            deadline: Duration::from_secs(5),
+            memory_bytes: 256 << 20,
+            output_bytes: 1 << 20,
+        },
+        compiler(),
+    );
     let hostile = rt.load(&fixture("hostile")).unwrap();
     let err = rt
         .decide(&hostile, &scaling_input("huge", 1, 1, 0))
@@ -342,7 +362,8 @@ fn garbage_bytes_and_other_wit_versions_are_refused_clearly() {
     let err = rt.load(&fixture("future_version")).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("celery:operator@0.2.0") && msg.contains("serves celery:operator@0.1.0"),
+        msg.contains("celery:operator/scaler@0.2.0")
+            && msg.contains("serves celery:operator@0.1.0"),
         "{msg}"
     );
 }
@@ -599,7 +620,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
     // the good one keeps running.
     for (bytes, why) in [
         (b"garbage".to_vec(), "not a WebAssembly component"),
-        (fixture("future_version"), "celery:operator@0.2.0"),
+        (fixture("future_version"), "celery:operator/scaler@0.2.0"),
         (builtin::NOOP.to_vec(), "implements"),
     ] {
         let Loaded::Refused { error, .. } = configmap::load(&registry, &configmap("hpa", &bytes))
@@ -653,4 +674,339 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
             .digest,
         builtin_digest
     );
+}
+
+// ---- The sandbox against attacks (issue: a hostile plugin never takes the operator down).
+
+/// Resident memory of this process (VmRSS), in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// Runs `call` on a thread of its own and fails the test if it does not return within
+/// `limit` (a call that blocks forever must fail the test, not hang it).
+fn returns_within<T: Send + 'static>(
+    limit: Duration,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(call());
+    });
+    rx.recv_timeout(limit)
+        .expect("the plugin call returned (a blocked call never does)")
+}
+
+/// Calls `hostile` in every role with `mode`; returns each role's result (as text).
+fn every_role(
+    rt: &Runtime,
+    plugin: &celery_operator::plugin::Plugin,
+    mode: &str,
+) -> Vec<(Role, Result<String, PluginError>)> {
+    let shape = ShapeInput {
+        celery: "{}".into(),
+        objects: vec![],
+        settings: json!({"mode": mode}).to_string(),
+    };
+    vec![
+        (
+            Role::Scaler,
+            rt.decide(plugin, &scaling_input(mode, 1, 1, 0))
+                .map(|d| d.reason),
+        ),
+        (
+            Role::Autoscaler,
+            rt.autoscaler_objects(plugin, &pool_input(mode, json!({}), "redis"))
+                .map(|o| o.join("\n")),
+        ),
+        (Role::Shaper, rt.shape(plugin, &shape).map(|o| o.join("\n"))),
+    ]
+}
+
+/// Sleeping (a clock pollable, `poll`) returns at once: no host function a plugin can
+/// reach waits, so no call can outlive its deadline or hold a thread.
+#[test]
+fn blocking_host_calls_return_at_once() {
+    let rt = Arc::new(runtime());
+    let hostile = rt.load(&fixture("hostile")).unwrap();
+    for mode in ["sleep", "sleep-forever"] {
+        let (rt, hostile) = (rt.clone(), hostile.clone());
+        let start = Instant::now();
+        let results = returns_within(Duration::from_secs(30), move || {
+            every_role(&rt, &hostile, mode)
+        });
+        let took = start.elapsed();
+        for (role, result) in results {
+            assert!(result.is_ok(), "{role} {mode}: {result:?}");
+        }
+        // Three calls; a sleep of 2 s that really slept would take 6 s.
+        assert!(
+            took < Duration::from_secs(2),
+            "{mode}: three calls took {took:?}"
+        );
+    }
+}
+
+#[test]
+fn clocks_stand_still_and_randomness_is_the_same_on_every_call() {
+    let rt = runtime();
+    let hostile = rt.load(&fixture("hostile")).unwrap();
+    let reason = |mode| {
+        rt.decide(&hostile, &scaling_input(mode, 1, 1, 0))
+            .unwrap()
+            .reason
+    };
+    assert_eq!(reason("clock"), "wall=0 elapsed=0");
+    let first = reason("random");
+    assert!(first.starts_with("random="), "{first}");
+    assert_eq!(
+        reason("random"),
+        first,
+        "a pure plugin answers the same twice"
+    );
+}
+
+/// One budget per call for every memory and table: sixteen memories of 64 MiB, or a table of
+/// 2^27 elements, are refused at the budget, fast, and the process does not grow past it.
+#[test]
+fn one_memory_budget_for_every_memory_and_table() {
+    let rt = runtime();
+    // Created when instantiated: refused when loaded.
+    let err = rt.load(&hostile::memories(16, 1024, true)).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Invalid(m) if m.contains("memory limit")),
+        "{err}"
+    );
+    // Grown and written by the call.
+    let grower = rt.load(&hostile::memories(16, 1024, false)).unwrap();
+    let before = rss();
+    let err = rt
+        .decide(&grower, &scaling_input("x", 1, 1, 0))
+        .unwrap_err();
+    assert!(matches!(err, PluginError::MemoryExceeded(_)), "{err}");
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown <= 2 * LIMITS.memory_bytes as u64,
+        "the process grew by {} MiB under a {} MiB budget",
+        grown >> 20,
+        LIMITS.memory_bytes >> 20
+    );
+    // A table of 2^27 elements would be 1 GiB or more, and filling it ran past any deadline.
+    let table = rt.load(&hostile::table_grow(1 << 27)).unwrap();
+    let start = Instant::now();
+    let err = rt.decide(&table, &scaling_input("x", 1, 1, 0)).unwrap_err();
+    assert!(matches!(err, PluginError::MemoryExceeded(_)), "{err}");
+    assert!(start.elapsed() < LIMITS.deadline, "{:?}", start.elapsed());
+    // A small table stays within the budget.
+    let small = rt.load(&hostile::table_grow(1000)).unwrap();
+    assert_eq!(
+        rt.decide(&small, &scaling_input("x", 1, 1, 0))
+            .unwrap()
+            .reason,
+        "ok"
+    );
+}
+
+/// A component that is small to send but costly to compile is stopped at the compile bounds
+/// in a child process: refused like any other refused build, this process untouched.
+#[test]
+fn compilation_is_bounded_in_time_and_memory() {
+    let bomb = hostile::compile_bomb(50_000, 4_000);
+    println!("compile bomb: {} bytes", bomb.len());
+    let rt = Runtime::new(
+        LIMITS,
+        Compiler::Sandboxed(Sandbox {
+            program: env!("CARGO_BIN_EXE_celery-operator").into(),
+            timeout: Duration::from_secs(3),
+            memory_bytes: 256 << 20,
+        }),
+    );
+    let before = rss();
+    let start = Instant::now();
+    let err = rt.load(&bomb).unwrap_err();
+    let took = start.elapsed();
+    println!("compile bomb refused after {took:?}: {err}");
+    assert!(
+        matches!(&err, PluginError::Invalid(m)
+            if m.contains("compiling took longer than 3s") || m.contains("compiling needed more than 256 MiB")),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        rss().saturating_sub(before) < 64 << 20,
+        "the compilation ran in this process"
+    );
+    // The same sandbox compiles a good plugin.
+    assert_eq!(
+        rt.load(builtin::QUEUE_LENGTH).unwrap().roles,
+        [Role::Scaler]
+    );
+}
+
+/// A plugin's words are bounded in bytes and free of control characters wherever they go.
+#[test]
+fn plugin_messages_are_bounded_and_clean() {
+    // Room for the long answers, so that they are cut rather than refused.
+    let rt = Runtime::new(
+        Limits {
+            memory_bytes: 64 << 20,
+            output_bytes: 8 << 20,
+            ..LIMITS
+        },
+        compiler(),
+    );
+    let hostile = rt.load(&fixture("hostile")).unwrap();
+    for (role, result) in every_role(&rt, &hostile, "huge-error") {
+        let message = result.unwrap_err().to_string();
+        assert!(message.len() <= 1024, "{role}: {} bytes", message.len());
+    }
+    let clean = |text: &str| {
+        !text
+            .chars()
+            .any(|c| c.is_control() || ('\u{202A}'..='\u{202E}').contains(&c))
+    };
+    for (role, result) in every_role(&rt, &hostile, "control-chars") {
+        let text = match result {
+            Ok(reason) => reason,
+            Err(e) => e.to_string(),
+        };
+        assert!(text.contains("redevil"), "{role}: {text:?}");
+        assert!(clean(&text), "{role}: {text:?}");
+    }
+    let reason = rt
+        .decide(&hostile, &scaling_input("long-reason", 1, 1, 0))
+        .unwrap()
+        .reason;
+    assert!(reason.len() <= 512, "{} bytes", reason.len());
+}
+
+/// Exports are checked when a build is loaded, not at its first call; a refusal names what
+/// is wrong in a few hundred bytes, whatever the component holds.
+#[test]
+fn exports_are_checked_when_loading() {
+    let rt = runtime();
+    let err = rt.load(&hostile::wrong_shape_type()).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Invalid(m) if m.contains("shaper") && m.contains("shape")),
+        "{err}"
+    );
+    let mixed = rt.load(&hostile::mixed_versions()).unwrap();
+    assert_eq!(mixed.roles, [Role::Scaler]);
+    assert_eq!(mixed.wit_version, "0.1.0");
+    assert_eq!(mixed.ignored, ["celery:operator/shaper@0.2.0"]);
+    assert_eq!(
+        rt.decide(&mixed, &scaling_input("x", 1, 1, 0))
+            .unwrap()
+            .reason,
+        "ok"
+    );
+    let err = rt
+        .load(&hostile::many_exports(20_000))
+        .unwrap_err()
+        .to_string();
+    assert!(err.len() < 1024, "{} bytes: {err}", err.len());
+    assert!(err.contains("and 19992 more"), "{err}");
+    for interface in ["wasi:sockets/tcp@0.2.6", "wasi:filesystem/types@0.2.6"] {
+        let err = rt
+            .load(&hostile::importing(interface))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not provide") && err.contains(interface),
+            "{err}"
+        );
+    }
+    // In a registry, such a build never replaces a working one.
+    let registry = Registry::with_builtins(Arc::new(runtime())).unwrap();
+    let source = Source::ConfigMap("ops/noop".into());
+    assert!(
+        registry
+            .install("noop", &hostile::wrong_shape_type(), source)
+            .is_err()
+    );
+    assert_eq!(registry.current("noop").unwrap().1, Source::Builtin);
+}
+
+/// Malformed objects in a plugin's answer (labels that are a string, annotations a number,
+/// label values that are not strings, a bad timestamp) are a clean failure of that plugin.
+#[test]
+fn malformed_objects_are_a_plugin_failure_not_a_crash() {
+    for mode in [
+        "bad-labels",
+        "bad-annotations",
+        "bad-label-values",
+        "bad-timestamp",
+    ] {
+        let (plugins, celery) = setup(with_policy(FailurePolicy::Fail, FailurePolicy::Fail), mode);
+        install(&plugins, "custom", &fixture("hostile"));
+        let err = run_shape(&plugins, &celery).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ShapeError::Failed {
+                    error: PluginError::BadOutput(_),
+                    ..
+                }
+            ),
+            "autoscaler {mode}: {err}"
+        );
+        let (plugins, mut celery) =
+            setup(with_policy(FailurePolicy::Fail, FailurePolicy::Fail), "ok");
+        install(&plugins, "custom", &fixture("hostile"));
+        install(&plugins, "hostile", &fixture("hostile"));
+        with_shaper(&mut celery, mode);
+        let err = run_shape(&plugins, &celery).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ShapeError::Failed {
+                    error: PluginError::BadOutput(_),
+                    ..
+                }
+            ),
+            "shaper {mode}: {err}"
+        );
+    }
+}
+
+/// An autoscaler plugin's objects may scale only the pool's Deployment, with only the
+/// resource's broker Secret.
+#[test]
+fn autoscaler_objects_may_scale_only_their_own_pool() {
+    for (mode, expected) in [
+        ("other-target", "other-deployment"),
+        (
+            "other-secret",
+            "may read only the resource's broker Secret broker",
+        ),
+    ] {
+        let (plugins, celery) = setup(with_policy(FailurePolicy::Fail, FailurePolicy::Fail), mode);
+        install(&plugins, "custom", &fixture("hostile"));
+        let err = run_shape(&plugins, &celery).unwrap_err().to_string();
+        assert!(err.contains(expected), "{mode}: {err}");
+    }
+}
+
+/// Compiled builds live as long as the registry keeps them: replaced builds beyond the kept
+/// ones and refused builds are dropped.
+#[test]
+fn compiled_builds_follow_the_registry() {
+    let runtime = Arc::new(runtime());
+    let registry = Registry::with_builtins(runtime.clone()).unwrap();
+    let builtins = runtime.builds_in_memory();
+    for i in 0..20 {
+        let build = hostile::scaler("", &format!("(global $build i32 (i32.const {i}))"));
+        let source = Source::ConfigMap("ops/custom".into());
+        registry.install("custom", &build, source).unwrap();
+        let refused = hostile::memories(16, 1024, true);
+        let _ = registry.install("custom", &refused, Source::ConfigMap("ops/custom".into()));
+    }
+    let kept = runtime.builds_in_memory() - builtins;
+    assert!(kept <= 8, "{kept} builds of one plugin are still in memory");
 }

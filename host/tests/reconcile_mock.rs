@@ -19,7 +19,7 @@ use celery_operator::apply::ServedKinds;
 use celery_operator::children::Served;
 use celery_operator::crd::Celery;
 use celery_operator::metrics::Metrics;
-use celery_operator::plugin::{Limits, Registry, Runtime};
+use celery_operator::plugin::{Compiler, Limits, Registry, Runtime};
 use celery_operator::rbac;
 use celery_operator::reconcile::{Context, reconcile};
 use celery_operator::shape::{PluginConfig, Plugins};
@@ -337,7 +337,9 @@ fn plugins() -> Arc<Plugins> {
             deadline: Duration::from_secs(1),
             ..Limits::default()
         };
-        Arc::new(Registry::with_builtins(Arc::new(Runtime::new(limits))).unwrap())
+        Arc::new(
+            Registry::with_builtins(Arc::new(Runtime::new(limits, Compiler::InProcess))).unwrap(),
+        )
     });
     Arc::new(Plugins::new(REGISTRY.clone(), PluginConfig::default()))
 }

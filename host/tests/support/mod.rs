@@ -427,3 +427,4 @@ pub mod tempdir {
     }
 }
 pub mod cluster;
+pub mod hostile;

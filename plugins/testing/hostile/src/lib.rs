@@ -15,6 +15,17 @@
 //! | `recurse` | recurses without bound (stack overflow) | same | same |
 //! | `huge` | returns one 64 MiB object | same | a 64 MiB reason |
 //! | `garbage` | returns `["{not json"]` | same | replicas = `u32::MAX` |
+//! | `sleep` | sleeps 2 s (a clock pollable), then as `ok` | same | same |
+//! | `sleep-forever` | sleeps `Duration::MAX`, then as `ok` | same | same |
+//! | `clock` | — | — | reason: the wall and monotonic clocks it reads |
+//! | `random` | — | — | reason: a number from std's random hash keys |
+//! | `bad-labels`, `bad-annotations`, `bad-label-values`, `bad-timestamp` | its objects with that metadata broken | an HPA of the pool with it broken | — |
+//! | `huge-error` | an 8 MiB error message | same | same |
+//! | `control-chars` | an error with ESC, CR, NUL, BEL, bidi overrides | same | a reason with them |
+//! | `long-reason` | — | — | a 4 MiB reason |
+//! | `other-target` | — | an HPA of another Deployment | — |
+//! | `other-secret` | — | a ScaledObject whose TriggerAuthentication reads another Secret | — |
+//! | `take-over` | — | an HPA named `foreign` (for the pool) | — |
 //!
 //! Any other mode is an error result naming it. Never load this component outside tests.
 
@@ -51,7 +62,61 @@ pub enum Mode {
     Huge,
     /// A malformed answer.
     Garbage,
+    /// Sleeps for 2 s.
+    Sleep,
+    /// Sleeps forever.
+    SleepForever,
+    /// Reads the clocks.
+    Clock,
+    /// Reads randomness.
+    Random,
+    /// Objects whose metadata is broken in one of these ways.
+    Broken(Broken),
+    /// An 8 MiB error.
+    HugeError,
+    /// Terminal control characters.
+    ControlChars,
+    /// A 4 MiB reason.
+    LongReason,
+    /// An HPA of another Deployment.
+    OtherTarget,
+    /// A TriggerAuthentication reading another Secret.
+    OtherSecret,
+    /// An HPA named `foreign`.
+    TakeOver,
 }
+
+/// Ways to break an object's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// `labels` is a string.
+    Labels,
+    /// `annotations` is a number.
+    Annotations,
+    /// Label values are not strings.
+    LabelValues,
+    /// `creationTimestamp` is not a time.
+    Timestamp,
+}
+
+impl Broken {
+    fn apply(self, object: &mut serde_json::Value) {
+        let meta = &mut object["metadata"];
+        match self {
+            Broken::Labels => meta["labels"] = "app=evil".into(),
+            Broken::Annotations => meta["annotations"] = 42.into(),
+            Broken::LabelValues => meta["labels"] = serde_json::json!({"a": 1, "b": [true]}),
+            Broken::Timestamp => meta["creationTimestamp"] = "yesterday".into(),
+        }
+    }
+}
+
+/// Size of the `huge-error` message.
+pub const HUGE_ERROR_BYTES: usize = 8 << 20;
+/// Size of the `long-reason` reason.
+pub const LONG_REASON_BYTES: usize = 4 << 20;
+/// What `control-chars` says.
+pub const CONTROL_CHARS: &str = "\u{1b}[31mred\r\0\u{7}\u{202E}evil\nnext";
 
 impl Mode {
     /// Parses a mode name.
@@ -64,9 +129,23 @@ impl Mode {
             "recurse" => Mode::Recurse,
             "huge" => Mode::Huge,
             "garbage" => Mode::Garbage,
+            "sleep" => Mode::Sleep,
+            "sleep-forever" => Mode::SleepForever,
+            "clock" => Mode::Clock,
+            "random" => Mode::Random,
+            "bad-labels" => Mode::Broken(Broken::Labels),
+            "bad-annotations" => Mode::Broken(Broken::Annotations),
+            "bad-label-values" => Mode::Broken(Broken::LabelValues),
+            "bad-timestamp" => Mode::Broken(Broken::Timestamp),
+            "huge-error" => Mode::HugeError,
+            "control-chars" => Mode::ControlChars,
+            "long-reason" => Mode::LongReason,
+            "other-target" => Mode::OtherTarget,
+            "other-secret" => Mode::OtherSecret,
+            "take-over" => Mode::TakeOver,
             other => {
                 return Err(format!(
-                    "hostile: unknown mode {other:?} (ok, loop, oom, panic, recurse, huge, garbage)"
+                    "hostile: unknown mode {other:?} (see the component's documentation)"
                 ));
             }
         })
@@ -121,8 +200,29 @@ fn misbehave(mode: Mode) {
         Mode::Recurse => {
             std::hint::black_box(recurse(0));
         }
-        Mode::Ok | Mode::Huge | Mode::Garbage => {}
+        Mode::Sleep => std::thread::sleep(std::time::Duration::from_secs(2)),
+        Mode::SleepForever => std::thread::sleep(std::time::Duration::MAX),
+        _ => {}
     }
+}
+
+/// The errors every role answers the same way.
+fn error_of(mode: Mode) -> Result<(), String> {
+    match mode {
+        Mode::HugeError => Err("E".repeat(HUGE_ERROR_BYTES)),
+        Mode::ControlChars => Err(CONTROL_CHARS.to_string()),
+        _ => Ok(()),
+    }
+}
+
+/// An HPA of `deployment` named `name`.
+fn hpa(name: &str, deployment: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment},
+                 "minReplicas": 1, "maxReplicas": 3}
+    })
 }
 
 fn huge() -> String {
@@ -138,9 +238,19 @@ impl shaper::Guest for Hostile {
             .map_err(|e| format!("settings: not valid JSON: {e}"))?;
         let mode = Mode::parse(settings["mode"].as_str().unwrap_or("ok"))?;
         misbehave(mode);
+        error_of(mode)?;
         Ok(match mode {
             Mode::Huge => vec![huge()],
             Mode::Garbage => vec!["{not json".into()],
+            Mode::Broken(how) => input
+                .objects
+                .iter()
+                .map(|o| {
+                    let mut object: serde_json::Value = serde_json::from_str(o).unwrap_or_default();
+                    how.apply(&mut object);
+                    object.to_string()
+                })
+                .collect(),
             _ => input.objects,
         })
     }
@@ -150,9 +260,34 @@ impl autoscaler::Guest for Hostile {
     fn objects(input: autoscaler::PoolInput) -> Result<Vec<String>, String> {
         let mode = Mode::parse(&input.pool)?;
         misbehave(mode);
+        error_of(mode)?;
+        let deployment = &input.deployment;
         Ok(match mode {
             Mode::Huge => vec![huge()],
             Mode::Garbage => vec!["{not json".into()],
+            Mode::Broken(how) => {
+                let mut object = hpa(deployment, deployment);
+                how.apply(&mut object);
+                vec![object.to_string()]
+            }
+            Mode::OtherTarget => vec![hpa(deployment, "other-deployment").to_string()],
+            Mode::TakeOver => vec![hpa("foreign", deployment).to_string()],
+            Mode::OtherSecret => vec![
+                serde_json::json!({
+                    "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+                    "metadata": {"name": deployment},
+                    "spec": {"scaleTargetRef": {"name": deployment},
+                             "triggers": [{"type": "redis", "metadata": {"listName": "q"},
+                                           "authenticationRef": {"name": deployment}}]}
+                })
+                .to_string(),
+                serde_json::json!({
+                    "apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
+                    "metadata": {"name": deployment},
+                    "spec": {"secretTargetRef": [{"parameter": "password", "name": "other", "key": "password"}]}
+                })
+                .to_string(),
+            ],
             _ => vec![],
         })
     }
@@ -162,7 +297,31 @@ impl scaler::Guest for Hostile {
     fn decide(input: scaler::ScalingInput) -> Result<scaler::Decision, String> {
         let mode = Mode::parse(&input.pool)?;
         misbehave(mode);
+        let answer = |reason: String| scaler::Decision {
+            replicas: input.current_replicas,
+            recommendation: input.current_replicas,
+            reason,
+        };
         Ok(match mode {
+            Mode::HugeError => return Err("E".repeat(HUGE_ERROR_BYTES)),
+            Mode::ControlChars => answer(CONTROL_CHARS.into()),
+            Mode::LongReason => answer("R".repeat(LONG_REASON_BYTES)),
+            Mode::Clock => {
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(u128::MAX);
+                let start = std::time::Instant::now();
+                answer(format!(
+                    "wall={wall} elapsed={}",
+                    start.elapsed().as_nanos()
+                ))
+            }
+            Mode::Random => {
+                use std::hash::BuildHasher;
+                let n = std::collections::hash_map::RandomState::new().hash_one(1u8);
+                answer(format!("random={n}"))
+            }
             Mode::Huge => scaler::Decision {
                 replicas: input.current_replicas,
                 recommendation: input.current_replicas,
