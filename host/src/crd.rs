@@ -505,6 +505,81 @@ pub struct Autoscaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub poll_interval_seconds: Option<u32>,
+    /// How fast the pool may scale, in the shape of a HorizontalPodAutoscaler's
+    /// `spec.behavior`: stabilization windows and rate limits (policies) for scaling up and
+    /// down. The `hpa` and `keda` autoscalers pass it to the HPA they create; the operator's
+    /// own scaler enforces it on every scaler plugin's decision. Unset: the HPA's own
+    /// defaults for `hpa` and `keda`; for the operator's scaler, no rate limit and the
+    /// scaler plugin's own stabilization (`queue-length`: 300 s down, 0 s up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<ScalingBehavior>,
+}
+
+/// How fast a pool may scale up and down (a HorizontalPodAutoscaler's `behavior`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingBehavior {
+    /// Rules for adding replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up: Option<ScalingRules>,
+    /// Rules for removing replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScalingRules>,
+}
+
+/// Rules for one direction of scaling (a HorizontalPodAutoscaler's `HPAScalingRules`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingRules {
+    /// Seconds of past recommendations considered: scaling down goes no lower than the
+    /// highest of them, scaling up no higher than the lowest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub stabilization_window_seconds: Option<i32>,
+    /// Which policy applies when several do: `Max` (the largest change, the default),
+    /// `Min` (the smallest) or `Disabled` (no scaling in this direction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_policy: Option<SelectPolicy>,
+    /// Rate limits: at most so many pods, or percent of the replicas, per period.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub policies: Vec<ScalingPolicy>,
+}
+
+/// Which of several scaling policies applies.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum SelectPolicy {
+    /// The policy allowing the largest change.
+    Max,
+    /// The policy allowing the smallest change.
+    Min,
+    /// No scaling in this direction.
+    Disabled,
+}
+
+/// One rate limit: at most `value` pods (`Pods`) or percent of the replicas (`Percent`)
+/// changed per `periodSeconds`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicy {
+    /// `Pods` or `Percent`.
+    #[serde(rename = "type")]
+    pub type_: PolicyType,
+    /// Pods, or percent of the replicas at the start of the period.
+    #[schemars(range(min = 1))]
+    pub value: i32,
+    /// The period, in seconds (at most 30 minutes).
+    #[schemars(range(min = 1, max = 1800))]
+    pub period_seconds: i32,
+}
+
+/// Kind of scaling policy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum PolicyType {
+    /// A number of pods.
+    Pods,
+    /// A percentage of the replicas.
+    Percent,
 }
 
 /// One autoscaling metric and its target.
@@ -749,6 +824,37 @@ pub struct PoolScaling {
     /// reason `BrokerUnavailable`, `ScalerFailed` or `NoTarget`, while replicas are held.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The scaler plugin's recent raw recommendations (each value with the last time it was
+    /// made, within the last 15 minutes): a restarted operator or a new leader resumes the
+    /// stabilization windows from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub recommendations: Vec<TimedReplicas>,
+    /// The replica changes the scaler made in the last 30 minutes, for the rate limits of
+    /// `autoscaling.behavior`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub scale_events: Vec<ScaleEvent>,
+}
+
+/// A replica count at a time.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct TimedReplicas {
+    /// When.
+    pub time: Time,
+    /// Replicas.
+    pub replicas: i32,
+}
+
+/// A replica change the scaler made.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct ScaleEvent {
+    /// When.
+    pub time: Time,
+    /// Replicas before.
+    pub from: i32,
+    /// Replicas after.
+    pub to: i32,
 }
 
 /// One use of a plugin in the last reconcile.

@@ -24,6 +24,14 @@ pub enum RenderError {
         /// What the plugin did.
         error: crate::shape::ShapeError,
     },
+    /// A plugin failed (and a cluster's failure policy would have kept what runs).
+    #[error("{name}: {}", .problems.join("; "))]
+    Plugins {
+        /// Name of the resource.
+        name: String,
+        /// What failed.
+        problems: Vec<String>,
+    },
     /// The resource breaks a rule of the CRD.
     #[error("{name}: {error}")]
     Invalid {
@@ -62,6 +70,14 @@ pub fn render(yaml: &str, plugins: &Plugins) -> Result<String, RenderError> {
                 error,
             }
         })?;
+        // A plugin failure a failure policy would absorb in a cluster (and keep what runs) is
+        // an error here: there is nothing running to keep.
+        if !shaped.problems.is_empty() || shaped.hold {
+            return Err(RenderError::Plugins {
+                name: celery.name_any(),
+                problems: shaped.problems,
+            });
+        }
         for child in shaped.children {
             out.push(
                 serde_saphyr::to_string(&child.object).expect("JSON values serialize to YAML"),
@@ -111,5 +127,63 @@ mod tests {
         );
         let err = render(&MINIMAL.replace("  image: img\n", ""), &plugins()).unwrap_err();
         assert!(err.to_string().contains("image"), "{err}");
+    }
+
+    #[test]
+    fn the_crds_bounds_are_checked() {
+        let err = render(
+            &MINIMAL.replace(
+                "[{name: default}]",
+                "[{name: default, replicas: -1, concurrency: 0}]",
+            ),
+            &plugins(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("spec.workers[0].replicas: Invalid value: -1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("spec.workers[0].concurrency: Invalid value: 0"),
+            "{err}"
+        );
+        let flower = MINIMAL.to_string() + "  flower: {enabled: true, port: 99999}\n";
+        let err = render(&flower, &plugins()).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.flower.port: Invalid value: 99999"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_plugin_refusal_fails_the_render() {
+        for (autoscaling, expected) in [
+            (
+                "{minReplicas: 1, maxReplicas: 3, autoscaler: {name: keda}, metrics: [{name: taskQueueLength, target: {type: AverageValue, averageValue: '2.5'}}]}",
+                "is not a whole number of tasks",
+            ),
+            (
+                "{minReplicas: 0, maxReplicas: 3, autoscaler: {name: keda}, metrics: [{name: cpu, target: {type: Utilization, averageUtilization: 50}}]}",
+                "cannot scale to zero",
+            ),
+            (
+                "{minReplicas: 0, maxReplicas: 3, autoscaler: {name: hpa}, metrics: [{name: cpu, target: {type: Utilization, averageUtilization: 50}}]}",
+                "minReplicas",
+            ),
+            (
+                "{minReplicas: 1, maxReplicas: 3, autoscaler: {name: hpa}, metrics: [{name: taskQueueLength, target: {type: AverageValue, averageValue: '5'}}]}",
+                "queue",
+            ),
+        ] {
+            let yaml = MINIMAL
+                .replace("broker: {secretRef:", "broker: {type: redis, secretRef:")
+                .replace(
+                    "[{name: default}]",
+                    &format!("[{{name: default, autoscaling: {autoscaling}}}]"),
+                );
+            let err = render(&yaml, &plugins()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{autoscaling}: {err}");
+        }
     }
 }

@@ -17,22 +17,35 @@ use crate::crd::Celery;
 #[error("invalid Celery spec: {}", .0.join("; "))]
 pub struct InvalidSpec(pub Vec<String>);
 
-static SCHEMA: LazyLock<CompiledSchema> = LazyLock::new(|| {
+/// The CRD's openAPIV3Schema, as JSON.
+static OPENAPI: LazyLock<serde_json::Value> = LazyLock::new(|| {
     let crd = Celery::crd();
     let schema = crd.spec.versions[0]
         .schema
         .as_ref()
         .and_then(|s| s.open_api_v3_schema.as_ref())
         .expect("the derived CRD has an openAPIV3Schema");
-    compile_schema(&serde_json::to_value(schema).expect("schemas serialize"))
+    serde_json::to_value(schema).expect("schemas serialize")
 });
 
-/// Checks a Celery resource against every rule of its CRD.
+static SCHEMA: LazyLock<CompiledSchema> = LazyLock::new(|| compile_schema(&OPENAPI));
+
+/// Checks a Celery resource against its CRD as an API server would: the schema's types,
+/// bounds (`minimum`, `maximum`, lengths, sizes), enums and required fields, and every CEL
+/// rule; all errors are reported at once, as the API server does.
 pub fn validate(celery: &Celery) -> Result<(), InvalidSpec> {
-    let object = serde_json::to_value(celery).expect("a Celery resource serializes");
-    Validator::new()
-        .validate_compiled(&SCHEMA, &object, None)
-        .map_err(|errors| InvalidSpec(errors.iter().map(ToString::to_string).collect()))
+    let mut object = serde_json::to_value(celery).expect("a Celery resource serializes");
+    let mut errors = test_apiserver::schema::check(&mut object, &OPENAPI)
+        .err()
+        .unwrap_or_default();
+    if let Err(rules) = Validator::new().validate_compiled(&SCHEMA, &object, None) {
+        errors.extend(rules.iter().map(ToString::to_string));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(errors))
+    }
 }
 
 #[cfg(test)]
@@ -53,6 +66,26 @@ mod tests {
     #[test]
     fn full_example_is_valid() {
         assert_eq!(validate(&celery(FULL)), Ok(()));
+    }
+
+    #[test]
+    fn the_schemas_bounds_are_checked_as_an_api_server_does() {
+        let mut c = celery(FULL);
+        c.spec.workers[0].replicas = Some(-1);
+        c.spec.workers[0].concurrency = Some(0);
+        let errors = validate(&c).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.workers[0].replicas: Invalid value: -1")),
+            "{errors:?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.workers[0].concurrency: Invalid value: 0")),
+            "{errors:?}"
+        );
     }
 
     /// Each case breaks one rule; the error must name the rule's message.

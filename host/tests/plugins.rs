@@ -1010,3 +1010,523 @@ fn compiled_builds_follow_the_registry() {
     let kept = runtime.builds_in_memory() - builtins;
     assert!(kept <= 8, "{kept} builds of one plugin are still in memory");
 }
+
+// ---- Conformance of the operator's scaler with the Kubernetes HPA (issue: scaling that
+// matches Kubernetes and KEDA exactly).
+
+mod hpa {
+    //! The Kubernetes HPA's decision for an External metric with an AverageValue target and
+    //! the default behaviour, transliterated from `pkg/controller/podautoscaler`
+    //! (`GetExternalPerPodMetricReplicas`, `stabilizeRecommendationWithBehaviors`,
+    //! `convertDesiredReplicasWithBehaviorRate` and the default `HPAScalingRules`), with Go's
+    //! float64 and int32 arithmetic: the reference the scaler is checked against.
+
+    /// A pool at one moment: replicas, bounds, target per replica, the backlog, recent
+    /// recommendations (seconds ago, replicas) and scale events (seconds ago, from, to).
+    #[derive(Debug, Clone)]
+    pub struct State {
+        pub current: u32,
+        pub min: u32,
+        pub max: u32,
+        pub target: f64,
+        pub ready: u64,
+        pub reserved: u64,
+        pub history: Vec<(u64, u32)>,
+        pub events: Vec<(u64, u32, u32)>,
+    }
+
+    /// A quantity's MilliValue (rounded up), as the HPA reads the target.
+    fn milli(target: f64) -> i64 {
+        let m = target * 1000.0;
+        let near = m.round();
+        let v = if (m - near).abs() <= near.abs() * 1e-12 {
+            near
+        } else {
+            m.ceil()
+        };
+        (v as i64).max(1)
+    }
+
+    pub fn replicas(s: &State) -> u32 {
+        if s.current == 0 {
+            return 0; // the HPA does not scale a target at zero replicas
+        }
+        // Out of bounds: straight back within them, without metrics or limits.
+        if s.current > s.max {
+            return s.max;
+        }
+        if s.current < s.min {
+            return s.min;
+        }
+        let usage = ((s.ready + s.reserved) * 1000) as i64;
+        let target = milli(s.target);
+        let ratio = usage as f64 / (target as f64 * f64::from(s.current));
+        let raw = if (1.0 - ratio).abs() > 0.1 {
+            ((usage as f64) / (target as f64)).ceil() as i64
+        } else {
+            i64::from(s.current)
+        };
+        // Stabilization: up window 0 s, down window 300 s; a first sight records the current
+        // replicas.
+        let seeded = [(0, s.current)];
+        let recs: &[(u64, u32)] = if s.history.is_empty() {
+            &seeded
+        } else {
+            &s.history
+        };
+        let down = recs
+            .iter()
+            .filter(|(ago, _)| *ago < 300)
+            .fold(raw, |m, (_, r)| m.max(i64::from(*r)));
+        let up = raw;
+        let mut desired = i64::from(s.current).max(up).min(down);
+        let changed = |period: u64, up: bool| -> i64 {
+            s.events
+                .iter()
+                .filter(|(ago, f, t)| *ago < period && (t > f) == up && t != f)
+                .map(|(_, f, t)| (i64::from(*t) - i64::from(*f)).abs())
+                .sum()
+        };
+        let start = i64::from(s.current) - changed(15, true) + changed(15, false);
+        let current = i64::from(s.current);
+        if desired > current {
+            let limit = ((start as f64 * 2.0).ceil() as i64)
+                .max(start + 4)
+                .max(current);
+            desired = desired.min(limit.min(i64::from(s.max)));
+        } else if desired < current {
+            let limit = ((start as f64 * 0.0) as i64).min(current);
+            desired = desired.max(limit.max(i64::from(s.min)));
+        }
+        desired as u32
+    }
+}
+
+/// The operator's scaler (the built `queue-length` component, its default settings, and the
+/// host's rate limits with `behavior: {}`, the HPA's defaults) on one state.
+fn operator_scaler(s: &hpa::State, behavior: bool) -> u32 {
+    use celery_operator::broker::QueueSample;
+    use celery_operator::crd::{PoolScaling, ScaleEvent, TimedReplicas};
+    use celery_operator::scaler::{PoolScaler, Verdict};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    const NOW: i64 = 1_795_428_000_000;
+    let at = |ago: u64| Time(jiff::Timestamp::from_millisecond(NOW - ago as i64 * 1000).unwrap());
+    thread_local! {
+        static PLUGINS: Plugins = Plugins::new(
+            Arc::new(Registry::with_builtins(Arc::new(Runtime::new(LIMITS, Compiler::InProcess))).unwrap()),
+            PluginConfig::default(),
+        );
+    }
+    let mut spec = json!({"minReplicas": s.min, "maxReplicas": s.max,
+        "metrics": [{"name": "taskQueueLength", "target": {"type": "AverageValue", "averageValue": s.target.to_string()}}]});
+    if behavior {
+        spec["behavior"] = json!({});
+    }
+    let spec = serde_json::from_value(spec).unwrap();
+    let previous = PoolScaling {
+        pool: "p".into(),
+        queued: None,
+        reserved: None,
+        current_replicas: 0,
+        desired_replicas: 0,
+        last_decision: String::new(),
+        reason: String::new(),
+        plugin: None,
+        last_decision_time: at(0),
+        last_scale_time: None,
+        conditions: vec![],
+        recommendations: s
+            .history
+            .iter()
+            .map(|(ago, r)| TimedReplicas {
+                time: at(*ago),
+                replicas: *r as i32,
+            })
+            .collect(),
+        scale_events: s
+            .events
+            .iter()
+            .map(|(ago, f, t)| ScaleEvent {
+                time: at(*ago),
+                from: *f as i32,
+                to: *t as i32,
+            })
+            .collect(),
+    };
+    let mut scaler = PoolScaler::default();
+    scaler.resume(Some(&previous), s.current, NOW as u64);
+    let probe = Ok(vec![QueueSample {
+        name: "q".into(),
+        ready: s.ready,
+        reserved: s.reserved,
+        by_priority: vec![],
+    }]);
+    PLUGINS.with(
+        |plugins| match scaler.tick(plugins, "p", &spec, probe, s.current, NOW as u64) {
+            Verdict::Scale { to, .. } => to,
+            Verdict::Keep { replicas, .. } => replicas,
+            v => panic!("{v:?}"),
+        },
+    )
+}
+
+/// 36 pool states with the replicas Kubernetes' HPA chooses (External metric, AverageValue
+/// target, default behaviour); the operator's scaler chooses the same, except where it
+/// differs on purpose (the last two rows).
+#[test]
+fn the_scaler_chooses_what_the_hpa_chooses() {
+    /// Name, then the fields of `hpa::State` (history and events as in `State`), then the
+    /// replicas the HPA chooses.
+    type Row = (
+        &'static str,
+        u32,
+        u32,
+        u32,
+        f64,
+        u64,
+        u64,
+        &'static [(u64, u32)],
+        &'static [(u64, u32, u32)],
+        u32,
+    );
+    #[rustfmt::skip]
+    let rows: &[Row] = &[
+        // name, current, min, max, target, ready, reserved, history, events, HPA
+        ("backlog over target, first sight (seeded, rate limited)", 2, 1, 20, 5.0, 30, 7, &[], &[], 6),
+        ("within tolerance below", 4, 1, 20, 5.0, 19, 0, &[(400, 4)], &[], 4),
+        ("tolerance border above: |1-1.1| > 0.1 in float", 4, 1, 20, 5.0, 22, 0, &[(400, 4)], &[], 5),
+        ("tolerance border below: |1-0.9| < 0.1 in float", 4, 1, 20, 5.0, 18, 0, &[(400, 4)], &[], 4),
+        ("just outside tolerance below", 4, 1, 20, 5.0, 17, 0, &[(400, 4)], &[], 4),
+        ("scale down, settled", 4, 1, 20, 5.0, 10, 0, &[(400, 4)], &[], 2),
+        ("scale down held by the window", 8, 0, 20, 5.0, 5, 0, &[(100, 8)], &[], 8),
+        ("scale down partly held", 8, 0, 20, 5.0, 5, 0, &[(100, 4), (400, 8)], &[], 4),
+        ("scale down after the window", 8, 0, 20, 5.0, 0, 0, &[(301, 8)], &[], 0),
+        ("window edge: 299 s ago still counts", 8, 0, 20, 5.0, 0, 0, &[(299, 8)], &[], 8),
+        ("zero backlog, min 0", 3, 0, 10, 5.0, 0, 0, &[(400, 3)], &[], 0),
+        ("zero backlog, min 2", 3, 2, 10, 5.0, 0, 0, &[(400, 3)], &[], 2),
+        ("reserved only keeps one", 3, 0, 10, 5.0, 0, 1, &[(400, 3)], &[], 1),
+        ("restarted loop: seeded with current, scale-down held", 6, 0, 10, 5.0, 0, 0, &[], &[], 6),
+        ("max clamp", 2, 1, 6, 5.0, 100, 0, &[(400, 2)], &[], 6),
+        ("min clamp", 5, 3, 10, 5.0, 2, 0, &[(400, 5)], &[], 3),
+        ("scale-up limit: 4 pods beat 100 %", 1, 1, 100, 5.0, 100, 0, &[(400, 1)], &[], 5),
+        ("scale-up limit: 100 % beats 4 pods", 10, 1, 100, 5.0, 500, 0, &[(400, 10)], &[], 20),
+        ("scale-up limit spent in the period", 5, 1, 100, 5.0, 500, 0, &[(400, 5)], &[(10, 1, 5)], 5),
+        ("scale-up limit renewed after 15 s", 5, 1, 100, 5.0, 500, 0, &[(400, 5)], &[(16, 1, 5)], 10),
+        ("fractional target 2.5", 1, 1, 100, 2.5, 10, 0, &[(400, 1)], &[], 4),
+        ("fractional target 0.5, rate limited", 1, 1, 100, 0.5, 3, 0, &[(400, 1)], &[], 5),
+        ("target 100m, exactly on target", 30, 1, 100, 0.1, 3, 0, &[(400, 30)], &[], 30),
+        ("target 100m, 31 tasks on 30", 30, 1, 1000, 0.1, 31, 0, &[(400, 30)], &[], 60),
+        ("1,000,000,001 tasks at 200,000", 4000, 1, 100_000, 200_000.0, 1_000_000_001, 0, &[(400, 4000)], &[], 5001),
+        ("1,999,999,999 tasks at 1", 1_000_000_000, 1, i32::MAX as u32, 1.0, 1_999_999_999, 0, &[(400, 1_000_000_000)], &[], 1_999_999_999),
+        ("ready and reserved together", 3, 1, 20, 5.0, 20, 10, &[(400, 3)], &[], 6),
+        ("scale up not held by older low recommendations", 4, 1, 20, 5.0, 40, 0, &[(100, 2)], &[], 8),
+        ("target 10", 2, 1, 20, 10.0, 55, 0, &[(400, 2)], &[], 6),
+        ("replicas above max: straight to max", 12, 1, 8, 5.0, 100, 0, &[(400, 12)], &[], 8),
+        ("replicas below min: straight to min, no rate limit", 1, 10, 20, 5.0, 0, 0, &[(400, 1)], &[], 10),
+        ("scale down 10 -> 1 at once (100 % per 15 s)", 10, 1, 20, 5.0, 5, 0, &[(400, 10)], &[], 1),
+        ("large target, small backlog", 3, 1, 20, 1000.0, 10, 0, &[(400, 3)], &[], 1),
+        ("exact multiple", 4, 1, 20, 5.0, 40, 0, &[(400, 4)], &[], 8),
+    ];
+    assert!(rows.len() >= 30);
+    for &(name, current, min, max, target, ready, reserved, history, events, expected) in rows {
+        let state = hpa::State {
+            current,
+            min,
+            max,
+            target,
+            ready,
+            reserved,
+            history: history.to_vec(),
+            events: events.to_vec(),
+        };
+        assert_eq!(
+            hpa::replicas(&state),
+            expected,
+            "the reference HPA model, {name}"
+        );
+        assert_eq!(operator_scaler(&state, true), expected, "{name}: {state:?}");
+    }
+    // Where it differs on purpose: it wakes a pool at zero (the HPA leaves it there), and
+    // without `behavior` it does not rate-limit scaling up.
+    let from_zero = hpa::State {
+        current: 0,
+        min: 0,
+        max: 20,
+        target: 5.0,
+        ready: 12,
+        reserved: 0,
+        history: vec![],
+        events: vec![],
+    };
+    assert_eq!(
+        (hpa::replicas(&from_zero), operator_scaler(&from_zero, true)),
+        (0, 3)
+    );
+    let burst = hpa::State {
+        current: 1,
+        min: 1,
+        max: 100,
+        target: 5.0,
+        ready: 100,
+        reserved: 0,
+        history: vec![(400, 1)],
+        events: vec![],
+    };
+    assert_eq!(
+        (hpa::replicas(&burst), operator_scaler(&burst, false)),
+        (5, 20)
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+
+    /// On random states, the operator's scaler with `behavior: {}` agrees with the HPA.
+    #[test]
+    fn the_scaler_agrees_with_the_hpa_on_random_states(
+        current in 1u32..200,
+        min in 0u32..5,
+        extra in 0u32..300,
+        target in proptest::sample::select(vec![0.1, 0.5, 1.0, 2.5, 5.0, 7.0, 10.0, 100.0]),
+        ready in 0u64..5000,
+        reserved in 0u64..200,
+        history in proptest::collection::vec((0u64..600, 0u32..300), 0..4),
+        events in proptest::collection::vec((0u64..30, 0u32..300, 0u32..300), 0..3),
+    ) {
+        let state = hpa::State { current, min, max: min.max(1) + extra, target, ready, reserved, history, events };
+        proptest::prop_assert_eq!(operator_scaler(&state, true), hpa::replicas(&state), "{:?}", state);
+    }
+}
+
+/// Every kind of ScaledObject and TriggerAuthentication the `keda` plugin emits is valid for
+/// KEDA v2.20.2's own CRDs (structural schema and CEL rules, vendored in `tests/data`) and
+/// uses only the metadata and authentication keys KEDA's scalers read
+/// (`pkg/scalers/{redis,rabbitmq}_scaler.go`, `cpu_memory_scaler.go`).
+#[test]
+fn keda_objects_are_valid_for_kedas_crds() {
+    let crd = |file: &str| -> Value {
+        let path = format!(
+            "{}/../tests/data/keda-v2.20.2/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    };
+    let schemas = [
+        ("ScaledObject", crd("keda.sh_scaledobjects.yaml")),
+        (
+            "TriggerAuthentication",
+            crd("keda.sh_triggerauthentications.yaml"),
+        ),
+    ];
+    // The keys KEDA v2.20.2 reads, per scaler: trigger metadata, and TriggerAuthentication
+    // parameters.
+    let metadata_keys = |t: &str| -> &[&str] {
+        match t {
+            "redis" => &[
+                "listName",
+                "listLength",
+                "activationListLength",
+                "databaseIndex",
+                "enableTLS",
+                "unsafeSsl",
+                "address",
+                "host",
+                "port",
+            ],
+            "rabbitmq" => &[
+                "queueName",
+                "mode",
+                "value",
+                "activationValue",
+                "host",
+                "protocol",
+                "vhostName",
+                "useRegex",
+                "excludeUnacknowledged",
+                "pageSize",
+                "operation",
+                "timeout",
+                "unsafeSsl",
+            ],
+            "cpu" | "memory" => &["value", "containerName"],
+            other => panic!("unexpected trigger {other}"),
+        }
+    };
+    let auth_keys = |t: &str| -> &[&str] {
+        match t {
+            "redis" => &[
+                "address", "host", "port", "username", "password", "tls", "ca", "cert", "key",
+            ],
+            "rabbitmq" => &[
+                "host",
+                "username",
+                "password",
+                "protocol",
+                "vhostName",
+                "tls",
+                "ca",
+                "cert",
+                "key",
+            ],
+            other => panic!("unexpected trigger {other}"),
+        }
+    };
+    let rt = runtime();
+    let keda = rt.load(builtin::KEDA).unwrap();
+    let celery = |broker: Value| {
+        json!({"metadata": {"name": "shop", "namespace": "shop"}, "spec": {"broker": broker}})
+            .to_string()
+    };
+    let queue =
+        json!({"name": "taskQueueLength", "target": {"type": "AverageValue", "averageValue": "5"}});
+    let cpu = json!({"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}});
+    let memory =
+        json!({"name": "memory", "target": {"type": "AverageValue", "averageValue": "512Mi"}});
+    let redis = json!({"type": "redis", "secretRef": {"name": "broker", "key": "url"}});
+    let cases = [
+        (
+            "redis, defaults",
+            celery(redis.clone()),
+            json!([queue]),
+            vec!["reports"],
+        ),
+        (
+            "redis, prefix, separator and steps",
+            celery(
+                json!({"type": "redis", "secretRef": {"name": "broker", "key": "url"},
+            "redis": {"globalKeyprefix": "shop:", "sep": ":", "prioritySteps": [0, 4, 8]}}),
+            ),
+            json!([queue]),
+            vec!["reports", "mail"],
+        ),
+        (
+            "redis, one list",
+            celery(
+                json!({"type": "redis", "secretRef": {"name": "broker", "key": "url"}, "redis": {"prioritySteps": [0]}}),
+            ),
+            json!([queue]),
+            vec!["reports"],
+        ),
+        (
+            "rabbitmq, management URL in a Secret",
+            celery(json!({"type": "rabbitmq", "secretRef": {"name": "broker", "key": "url"}})),
+            json!([queue]),
+            vec!["reports", "mail"],
+        ),
+        (
+            "rabbitmq, management URL in the resource",
+            celery(
+                json!({"type": "rabbitmq", "secretRef": {"name": "broker", "key": "url"},
+            "rabbitmq": {"managementUrl": "http://rabbitmq:15672"}}),
+            ),
+            json!([queue]),
+            vec!["reports"],
+        ),
+        (
+            "cpu and memory with a queue",
+            celery(redis.clone()),
+            json!([cpu, memory, queue]),
+            vec!["reports"],
+        ),
+        (
+            "cpu and memory only",
+            celery(redis.clone()),
+            json!([cpu, memory]),
+            vec![],
+        ),
+    ];
+    for (name, celery, metrics, queues) in cases {
+        let autoscaling = json!({"minReplicas": 1, "maxReplicas": 10, "metrics": metrics,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}}});
+        let input = PoolInput {
+            celery,
+            pool: "reports".into(),
+            deployment: "shop-worker-reports".into(),
+            autoscaling: autoscaling.to_string(),
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+            settings: "{}".into(),
+        };
+        let out = objects(
+            rt.autoscaler_objects(&keda, &input)
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+        );
+        let auth = out.iter().find(|o| o["kind"] == "TriggerAuthentication");
+        for object in &out {
+            let (_, schema) = schemas.iter().find(|(k, _)| object["kind"] == *k).unwrap();
+            let mut checked = object.clone();
+            test_apiserver::schema::check(&mut checked, schema)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert_eq!(
+                &checked, object,
+                "{name}: KEDA's schema prunes fields the plugin set"
+            );
+            let compiled = kube::core::cel::compile_schema(schema);
+            kube::core::cel::Validator::new()
+                .validate_compiled(&compiled, object, None)
+                .unwrap_or_else(|e| panic!("{name}: CEL rules of KEDA's CRD: {e:?}"));
+        }
+        let scaled = out.iter().find(|o| o["kind"] == "ScaledObject").unwrap();
+        for trigger in scaled["spec"]["triggers"].as_array().unwrap() {
+            let t = trigger["type"].as_str().unwrap();
+            for key in trigger["metadata"].as_object().unwrap().keys() {
+                assert!(
+                    metadata_keys(t).contains(&key.as_str()),
+                    "{name}: KEDA's {t} scaler does not read {key}"
+                );
+            }
+            if t == "redis" || t == "rabbitmq" {
+                let params: Vec<&str> = auth.unwrap()["spec"]["secretTargetRef"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["parameter"].as_str().unwrap())
+                    .collect();
+                for p in &params {
+                    assert!(
+                        auth_keys(t).contains(p),
+                        "{name}: KEDA's {t} scaler does not read {p}"
+                    );
+                }
+                let required = if t == "redis" {
+                    "listName"
+                } else {
+                    "queueName"
+                };
+                assert!(trigger["metadata"].get(required).is_some(), "{name}");
+                if t == "rabbitmq" {
+                    assert_eq!(
+                        trigger["metadata"]["protocol"], "http",
+                        "{name}: ready + unacked"
+                    );
+                    assert!(
+                        trigger["metadata"].get("host").is_some() || params.contains(&"host"),
+                        "{name}"
+                    );
+                }
+            }
+        }
+        // More than one queue trigger: summed by a formula over every one of them.
+        let queue_triggers: Vec<&Value> = scaled["spec"]["triggers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["type"] == "redis" || t["type"] == "rabbitmq")
+            .collect();
+        if queue_triggers.len() > 1 {
+            let formula = scaled["spec"]["advanced"]["scalingModifiers"]["formula"]
+                .as_str()
+                .unwrap();
+            let names: Vec<&str> = queue_triggers
+                .iter()
+                .map(|t| t["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(formula, names.join(" + "), "{name}");
+        }
+        assert_eq!(
+            scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+            60,
+            "{name}"
+        );
+    }
+}

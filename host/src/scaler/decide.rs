@@ -10,8 +10,11 @@
 
 use std::collections::VecDeque;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::limits::{self, Change, EVENTS_MS};
 use crate::broker::{ProbeError, QueueSample};
-use crate::crd::{Autoscaling, MetricName};
+use crate::crd::{Autoscaling, MetricName, PoolScaling, ScaleEvent, TimedReplicas};
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
 use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role, settings_text};
 use crate::quantity;
@@ -80,8 +83,23 @@ impl HoldCause {
 pub struct PoolScaler {
     samples: VecDeque<Sample>,
     history: VecDeque<Recommendation>,
+    changes: VecDeque<Change>,
     /// The plugin that made the last decision, for the status.
     pub last_plugin: Option<(String, String)>,
+}
+
+/// Recommendations kept in the status, at most.
+const KEPT_RECOMMENDATIONS: usize = 32;
+
+fn ms(time: &Time) -> u64 {
+    time.0.as_millisecond().max(0) as u64
+}
+
+fn time(ms: u64) -> Time {
+    Time(
+        jiff::Timestamp::from_millisecond(i64::try_from(ms).unwrap_or(i64::MAX))
+            .unwrap_or_default(),
+    )
 }
 
 /// The target tasks per replica of an autoscaling spec (its taskQueueLength averageValue).
@@ -96,6 +114,89 @@ pub fn target_per_replica(autoscaling: &Autoscaling) -> Option<f64> {
 }
 
 impl PoolScaler {
+    /// Picks up where the last loop of the pool left off, from its `status.scaling` entry:
+    /// its recent recommendations and scale events. Without any (a pool seen for the first
+    /// time), the current replicas count as a recommendation made now, as the HPA does when
+    /// it first sees a target: a new loop never scales down at once.
+    pub fn resume(&mut self, previous: Option<&PoolScaling>, current: u32, now_ms: u64) {
+        let kept = |at: u64, window: u64| at + window >= now_ms;
+        self.history = previous
+            .into_iter()
+            .flat_map(|p| &p.recommendations)
+            .map(|r| Recommendation {
+                at_ms: ms(&r.time),
+                replicas: u32::try_from(r.replicas).unwrap_or(0),
+            })
+            .filter(|r| kept(r.at_ms, HISTORY_MS))
+            .collect();
+        self.history.make_contiguous().sort_by_key(|r| r.at_ms);
+        if self.history.is_empty() {
+            self.history.push_back(Recommendation {
+                at_ms: now_ms,
+                replicas: current,
+            });
+        }
+        self.changes = previous
+            .into_iter()
+            .flat_map(|p| &p.scale_events)
+            .map(|e| Change {
+                at_ms: ms(&e.time),
+                from: u32::try_from(e.from).unwrap_or(0),
+                to: u32::try_from(e.to).unwrap_or(0),
+            })
+            .filter(|c| kept(c.at_ms, EVENTS_MS))
+            .collect();
+    }
+
+    /// Records a replica change made by the scaler (for the rate limits).
+    pub fn record_scale(&mut self, now_ms: u64, from: u32, to: u32) {
+        self.changes.push_back(Change {
+            at_ms: now_ms,
+            from,
+            to,
+        });
+        while self
+            .changes
+            .front()
+            .is_some_and(|c| c.at_ms + EVENTS_MS < now_ms)
+        {
+            self.changes.pop_front();
+        }
+    }
+
+    /// The recent recommendations for the status: each value once, with the last time it
+    /// was made (enough for the stabilization windows: the highest and lowest values of a
+    /// window), the newest [`KEPT_RECOMMENDATIONS`].
+    pub fn recommendations(&self) -> Vec<TimedReplicas> {
+        let mut last: Vec<&Recommendation> = Vec::new();
+        for r in self.history.iter().rev() {
+            if !last.iter().any(|l| l.replicas == r.replicas) {
+                last.push(r);
+            }
+        }
+        last.truncate(KEPT_RECOMMENDATIONS);
+        last.iter()
+            .rev()
+            .map(|r| TimedReplicas {
+                time: time(r.at_ms),
+                replicas: i32::try_from(r.replicas).unwrap_or(i32::MAX),
+            })
+            .collect()
+    }
+
+    /// The recent scale events for the status.
+    pub fn scale_events(&self) -> Vec<ScaleEvent> {
+        let replicas = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        self.changes
+            .iter()
+            .map(|c| ScaleEvent {
+                time: time(c.at_ms),
+                from: replicas(c.from),
+                to: replicas(c.to),
+            })
+            .collect()
+    }
+
     /// One tick: `probe` is what the broker said (or why it could not), `current` the
     /// Deployment's replicas now.
     pub fn tick(
@@ -210,17 +311,36 @@ impl PoolScaler {
             replicas: decision.recommendation,
         });
         self.last_plugin = Some((resolved.name.clone(), resolved.plugin.digest.clone()));
-        let to = decision.replicas.clamp(min, max.max(min));
+        let mut reason = decision.reason;
+        let mut to = decision.replicas.clamp(min, max.max(min));
+        // Out of bounds (the bounds changed), the HPA goes straight back to the nearest
+        // bound, whatever the metric says, without rate limits; so does this scaler.
+        let within = (min..=max).contains(&current);
+        if current > max {
+            to = max;
+            reason = format!("{current} replicas are above max-replicas: {max}");
+        } else if current < min {
+            to = min;
+            reason = format!("{current} replicas are below min-replicas: {min}");
+        }
+        if let Some(behavior) = autoscaling.behavior.as_ref().filter(|_| within) {
+            let changes: Vec<Change> = self.changes.iter().copied().collect();
+            let (limited, why) = limits::limit(behavior, current, to, min, max, &changes, now_ms);
+            to = limited;
+            if let Some(why) = why {
+                reason = format!("{reason}; {why}");
+            }
+        }
         if to == current {
             Verdict::Keep {
                 replicas: current,
-                reason: decision.reason,
+                reason,
             }
         } else {
             Verdict::Scale {
                 from: current,
                 to,
-                reason: decision.reason,
+                reason,
             }
         }
     }
@@ -317,6 +437,92 @@ mod tests {
         }
         let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 301_000);
         assert!(matches!(v, Verdict::Scale { to: 0, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn a_new_loop_holds_a_scale_down_like_the_hpa() {
+        let p = plugins(FailurePolicy::KeepLastGood);
+        let mut spec = autoscaling(0, 10);
+        spec.scaler = None; // queue-length with its default 300 s window
+        const T0: u64 = 1_795_428_000_000;
+        // An operator start, a new leader, an edit of the pool: a loop with no history.
+        let mut s = PoolScaler::default();
+        s.resume(None, 6, T0);
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 6, T0 + 1_000);
+        assert!(matches!(v, Verdict::Keep { replicas: 6, .. }), "{v:?}");
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 6, T0 + 299_000);
+        assert!(matches!(v, Verdict::Keep { replicas: 6, .. }), "{v:?}");
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 6, T0 + 301_000);
+        assert!(matches!(v, Verdict::Scale { to: 0, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn a_resumed_loop_continues_the_window_from_the_status() {
+        let p = plugins(FailurePolicy::KeepLastGood);
+        let mut spec = autoscaling(0, 10);
+        spec.scaler = None;
+        const T0: u64 = 1_795_428_000_000;
+        let mut before = PoolScaler::default();
+        before.resume(None, 1, T0);
+        before.tick(&p, "w", &spec, queue(40, 0), 1, T0 + 1_000);
+        before.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 100_000);
+        let entry = PoolScaling {
+            pool: "w".into(),
+            queued: None,
+            reserved: None,
+            current_replicas: 8,
+            desired_replicas: 8,
+            last_decision: "Keep".into(),
+            reason: String::new(),
+            plugin: None,
+            last_decision_time: time(T0 + 100_000),
+            last_scale_time: None,
+            conditions: vec![],
+            recommendations: before.recommendations(),
+            scale_events: before.scale_events(),
+        };
+        // Only the newest time of each value is kept.
+        assert_eq!(
+            entry
+                .recommendations
+                .iter()
+                .map(|r| r.replicas)
+                .collect::<Vec<_>>(),
+            [1, 8, 0]
+        );
+        // The recommendation of 8 was made at T0 + 1 s: the window ends at T0 + 301 s,
+        // whatever restarted in between.
+        let mut after = PoolScaler::default();
+        after.resume(Some(&entry), 8, T0 + 200_000);
+        let v = after.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 250_000);
+        assert!(matches!(v, Verdict::Keep { replicas: 8, .. }), "{v:?}");
+        let v = after.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 302_000);
+        assert!(matches!(v, Verdict::Scale { to: 0, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn behavior_rate_limits_apply_to_the_decision() {
+        let p = plugins(FailurePolicy::KeepLastGood);
+        let mut spec = autoscaling(0, 100);
+        spec.behavior = Some(Default::default()); // the HPA's defaults
+        const T0: u64 = 1_795_428_000_000;
+        let mut s = PoolScaler::default();
+        let v = s.tick(&p, "w", &spec, queue(100, 0), 1, T0);
+        assert!(
+            matches!(&v, Verdict::Scale { to: 5, reason, .. } if reason.contains("limited by autoscaling.behavior.scaleUp")),
+            "{v:?}"
+        );
+        s.record_scale(T0, 1, 5);
+        let v = s.tick(&p, "w", &spec, queue(100, 0), 5, T0 + 10_000);
+        assert!(
+            matches!(v, Verdict::Keep { replicas: 5, .. }),
+            "same period: {v:?}"
+        );
+        let v = s.tick(&p, "w", &spec, queue(100, 0), 5, T0 + 16_000);
+        assert!(
+            matches!(v, Verdict::Scale { to: 10, .. }),
+            "next period: {v:?}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (Events, metrics, the pool's entry in `status.scaling`).
 
 mod decide;
+pub mod limits;
 pub mod report;
 
 pub use decide::{HoldCause, PoolScaler, Verdict};
@@ -169,6 +170,13 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let celeries: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
     let mut state = PoolScaler::default();
+    // Where the pool's last loop (or the last leader) left off.
+    let mut resumed = false;
+    let previous_entry = celery
+        .status
+        .as_ref()
+        .and_then(|s| s.scaling.iter().find(|e| e.pool == pool.name))
+        .cloned();
     let mut last_hold: Option<String> = None;
     // The last entry written to `status.scaling`, and when.
     let mut written: Option<(PoolScaling, Instant)> = None;
@@ -223,6 +231,10 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
         let (plugins, spec, pool_name) =
             (ctx.plugins.clone(), autoscaling.clone(), pool.name.clone());
         let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+        if !resumed {
+            state.resume(previous_entry.as_ref(), current, now_ms);
+            resumed = true;
+        }
         let (returned, verdict) = tokio::task::spawn_blocking(move || {
             let verdict = state.tick(&plugins, &pool_name, &spec, probe, current, now_ms);
             (state, verdict)
@@ -249,6 +261,7 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
                     Ok(_) => {
                         info!(%ns, deployment = %name, from, to, %reason, "scaled");
                         scaled_at = Some(Time(jiff::Timestamp::now()));
+                        state.record_scale(now_ms, *from, *to);
                         let note =
                             format!("Scaled pool {} from {from} to {to}: {reason}", pool.name);
                         publish(&ctx, &celery, EventType::Normal, "Scaled", "Scale", note).await;
@@ -275,7 +288,7 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
         }
 
         let previous = written.as_ref().map(|(entry, _)| entry);
-        let entry = report::entry(
+        let mut entry = report::entry(
             &pool.name,
             seen.as_deref(),
             &verdict,
@@ -284,6 +297,8 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
             scaled_at.as_ref(),
             &Time(jiff::Timestamp::now()),
         );
+        entry.recommendations = state.recommendations();
+        entry.scale_events = state.scale_events();
         let age = written
             .as_ref()
             .map_or(Duration::MAX, |(_, at)| at.elapsed());

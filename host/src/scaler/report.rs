@@ -80,6 +80,9 @@ pub fn entry(
             None,
             now,
         )],
+        // Filled in by the loop, which keeps them.
+        recommendations: Vec::new(),
+        scale_events: Vec::new(),
     }
 }
 
@@ -101,8 +104,20 @@ pub fn worth_writing(previous: Option<&PoolScaling>, new: &PoolScaling, age: Dur
                 .collect::<Vec<_>>(),
         )
     };
+    // The values of the recent recommendations (their times move on every tick: refreshed
+    // with the figures).
+    let values = |e: &PoolScaling| {
+        e.recommendations
+            .iter()
+            .map(|r| r.replicas)
+            .collect::<Vec<_>>()
+    };
     decision(old) != decision(new)
-        || (age >= REFRESH && (old.queued, old.reserved) != (new.queued, new.reserved))
+        || values(old) != values(new)
+        || old.scale_events != new.scale_events
+        || (age >= REFRESH
+            && ((old.queued, old.reserved) != (new.queued, new.reserved)
+                || old.recommendations != new.recommendations))
 }
 
 /// Writes the pool's entry, or removes it (`None`) when the operator no longer scales the

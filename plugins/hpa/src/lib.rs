@@ -5,8 +5,9 @@
 //! `keda` autoscaler or the operator's queue-length scaler), and so is `minReplicas: 0` (an
 //! HPA cannot scale to zero).
 //!
-//! Settings (optional): `{"behavior": {...}}`, copied as it is into the HPA's
-//! `spec.behavior` (scale-up/scale-down policies and stabilization windows).
+//! The pool's `autoscaling.behavior` becomes the HPA's `spec.behavior` (scale-up/scale-down
+//! policies and stabilization windows). Settings (optional): `{"behavior": {...}}`, copied as
+//! it is instead, for behavior the resource does not give.
 //!
 //! The HPA is named after the pool's Deployment; the host sets its namespace, owner
 //! reference and labels.
@@ -98,6 +99,8 @@ pub fn horizontal_pod_autoscaler(input: &PoolInput) -> Result<Value, String> {
     });
     if let Some(behavior) = settings.behavior {
         spec["behavior"] = Value::Object(behavior);
+    } else if let Some(behavior) = a.behavior {
+        spec["behavior"] = behavior;
     }
     Ok(json!({
         "apiVersion": "autoscaling/v2",
@@ -172,6 +175,24 @@ mod tests {
         assert!(objs[0]["metadata"].get("namespace").is_none());
         assert!(objs[0]["metadata"].get("labels").is_none());
         assert!(objs[0]["metadata"].get("ownerReferences").is_none());
+    }
+
+    #[test]
+    fn the_pools_behavior_is_the_hpas() {
+        let input = PoolInput {
+            celery: "{}".into(),
+            pool: "p".into(),
+            deployment: "d".into(),
+            autoscaling: r#"{"minReplicas":1,"maxReplicas":3,"metrics":[{"name":"cpu","target":{"type":"Utilization","averageUtilization":50}}],
+                "behavior":{"scaleDown":{"stabilizationWindowSeconds":60}}}"#.into(),
+            queues: vec![],
+            settings: "{}".into(),
+        };
+        let hpa: Value = serde_json::from_str(&Hpa::objects(input).unwrap()[0]).unwrap();
+        assert_eq!(
+            hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+            60
+        );
     }
 
     #[test]

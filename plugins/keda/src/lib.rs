@@ -6,27 +6,37 @@
 //!
 //! * `cpu` / `memory` → a `cpu` / `memory` trigger (`metricType` `Utilization` or
 //!   `AverageValue`, `metadata.value`);
-//! * `taskQueueLength` with a `redis` broker → one `redis` trigger per Redis list: each
-//!   queue, and each of its kombu priority sub-lists `<queue><separator><step>`;
-//! * `taskQueueLength` with a `rabbitmq` broker → one `rabbitmq` trigger per queue
-//!   (`mode: QueueLength`).
+//! * `taskQueueLength` with a `redis` broker → one `redis` trigger per Redis list kombu
+//!   writes: each queue and each of its priority sub-lists, named exactly as the resource's
+//!   `spec.broker.redis` says (`globalKeyprefix`, `sep`, `prioritySteps`; kombu's defaults
+//!   otherwise);
+//! * `taskQueueLength` with a `rabbitmq` broker → one `rabbitmq` trigger per queue, read
+//!   through the management API (`protocol: http`), which counts ready *and* unacknowledged
+//!   messages (over AMQP KEDA sees only the ready ones, and would scale a busy pool to zero).
 //!
-//! The broker type is the Celery resource's `spec.broker.type`. KEDA's `redis` scaler
-//! takes `host:port` and a password, not a URL: it reads them from the keys `address` and
-//! `password` of the broker Secret (settings `addressKey`, `passwordKey`); the `rabbitmq`
-//! scaler reads the AMQP URL from the key the resource names (`spec.broker.secretRef.key`).
+//! KEDA takes the *maximum* over triggers; a pool's backlog is the *sum* over its queues and
+//! priority lists. With more than one queue trigger, `advanced.scalingModifiers` sums them
+//! (`formula: q0 + q1 + ...`) into one metric with the pool's target, as the operator's own
+//! scaler does. What KEDA still cannot see on Redis: tasks reserved by workers (kombu's
+//! `unacked` hash), which the operator's scaler counts.
 //!
-//! Known limitations (the operator's own queue-length scaler has neither): KEDA takes the
-//! *maximum* over triggers, not the sum, so a pool's queues and priority sub-lists are
-//! not added up; and KEDA counts waiting messages only, not those reserved by workers.
+//! Credentials come from the resource's broker Secret only, through a TriggerAuthentication:
+//! for Redis, KEDA wants `host:port` and a password, not a URL: keys `address` and
+//! `password` (settings `addressKey`, `passwordKey`); for RabbitMQ, the management API's
+//! `username` and `password` keys (settings `usernameKey`, `passwordKey`) and its URL, from
+//! `spec.broker.rabbitmq.managementUrl` or else the key `management-url` (setting
+//! `managementUrlKey`); a `pyamqp://` or `amqp://` broker URL is never given to KEDA.
+//!
+//! The pool's `autoscaling.behavior` becomes the HPA's behavior
+//! (`advanced.horizontalPodAutoscalerConfig.behavior`).
 //!
 //! Settings (all optional):
 //!
 //! ```json
 //! {"pollingInterval": 30, "cooldownPeriod": 300,
 //!  "fallback": {"failureThreshold": 3, "replicas": null},
-//!  "prioritySteps": [0, 3, 6, 9], "prioritySeparator": "\u0006\u0016",
-//!  "databaseIndex": "0", "addressKey": "address", "passwordKey": "password"}
+//!  "databaseIndex": "0", "addressKey": "address", "passwordKey": "password",
+//!  "usernameKey": "username", "managementUrlKey": "management-url", "vhostName": null}
 //! ```
 //!
 //! `fallback.replicas` defaults to `max(minReplicas, 1)`; `"fallback": null` leaves the
@@ -56,18 +66,22 @@ pub struct Settings {
     pub cooldown_period: u32,
     /// Replicas to run while a trigger keeps failing; `null` for none.
     pub fallback: Option<FallbackSettings>,
-    /// Kombu's Redis priority steps; 0 is the queue's own list. Default `[0, 3, 6, 9]`.
-    pub priority_steps: Vec<u32>,
-    /// Kombu's separator between a queue name and a priority step. Default `"\u0006\u0016"`.
-    pub priority_separator: String,
     /// Redis database index (a string in KEDA's metadata; a number is accepted). Default
     /// `"0"`.
     #[serde(deserialize_with = "string_or_number")]
     pub database_index: String,
     /// Broker Secret key with Redis's `host:port`. Default `address`.
     pub address_key: String,
-    /// Broker Secret key with Redis's password, or `null` for none. Default `password`.
+    /// Broker Secret key with Redis's (or RabbitMQ's management API) password, or `null`
+    /// for none (Redis only). Default `password`.
     pub password_key: Option<String>,
+    /// Broker Secret key with RabbitMQ's management API user. Default `username`.
+    pub username_key: String,
+    /// Broker Secret key with RabbitMQ's management API URL, when the resource does not
+    /// give `spec.broker.rabbitmq.managementUrl`. Default `management-url`.
+    pub management_url_key: String,
+    /// RabbitMQ virtual host of the queues, when not the management URL's path.
+    pub vhost_name: Option<String>,
 }
 
 /// The ScaledObject's `fallback`.
@@ -95,11 +109,12 @@ impl Default for Settings {
             polling_interval: 30,
             cooldown_period: 300,
             fallback: Some(FallbackSettings::default()),
-            priority_steps: vec![0, 3, 6, 9],
-            priority_separator: "\u{6}\u{16}".into(),
             database_index: "0".into(),
             address_key: "address".into(),
             password_key: Some("password".into()),
+            username_key: "username".into(),
+            management_url_key: "management-url".into(),
+            vhost_name: None,
         }
     }
 }
@@ -166,25 +181,6 @@ fn queue_target(at: &str, m: &Metric, broker: BrokerType) -> Result<String, Stri
     Ok(value)
 }
 
-/// The Redis lists kombu keeps for `queue`: the queue itself and its priority sub-lists.
-pub fn redis_lists(queue: &str, settings: &Settings) -> Vec<String> {
-    let mut lists: Vec<String> = Vec::new();
-    for step in &settings.priority_steps {
-        let list = if *step == 0 {
-            queue.to_string()
-        } else {
-            format!("{queue}{}{step}", settings.priority_separator)
-        };
-        if !lists.contains(&list) {
-            lists.push(list);
-        }
-    }
-    if lists.is_empty() {
-        lists.push(queue.to_string());
-    }
-    lists
-}
-
 /// The broker Secret and type from the Celery resource, for queue-length triggers.
 fn broker_of(celery: &str) -> Result<(Broker, BrokerType), String> {
     let broker = Broker::from_celery(celery)?;
@@ -225,15 +221,15 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
     };
 
     let mut triggers = Vec::new();
-    let mut resource_only = true;
+    // Queue triggers, summed by a scaling modifier when there are several.
+    let mut queue_triggers: Vec<Value> = Vec::new();
+    let mut queue_target_value = None;
     for (i, m) in a.metrics.iter().enumerate() {
         let at = format!("autoscaling.metrics[{i}]");
         match (m.name.as_str(), &broker) {
             ("cpu" | "memory", _) => triggers.push(resource_trigger(&at, m)?),
-            (TASK_QUEUE_LENGTH, Some((_, kind))) => {
-                let kind = *kind;
-                resource_only = false;
-                let value = queue_target(&at, m, kind)?;
+            (TASK_QUEUE_LENGTH, Some((broker, kind))) => {
+                let value = queue_target(&at, m, *kind)?;
                 if input.queues.is_empty() {
                     return Err(format!(
                         "pool {:?} has no queues to measure for {TASK_QUEUE_LENGTH}",
@@ -243,8 +239,8 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
                 for queue in &input.queues {
                     match kind {
                         BrokerType::Redis => {
-                            for list in redis_lists(queue, &settings) {
-                                triggers.push(json!({
+                            for list in broker.redis.lists(queue) {
+                                queue_triggers.push(json!({
                                     "type": "redis",
                                     "metricType": "AverageValue",
                                     "metadata": {
@@ -256,19 +252,29 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
                                 }));
                             }
                         }
-                        BrokerType::Rabbitmq => triggers.push(json!({
-                            "type": "rabbitmq",
-                            "metricType": "AverageValue",
-                            "metadata": {
-                                "protocol": "amqp",
+                        BrokerType::Rabbitmq => {
+                            let mut metadata = json!({
+                                "protocol": "http",
                                 "queueName": queue,
                                 "mode": "QueueLength",
                                 "value": value,
-                            },
-                            "authenticationRef": auth_ref,
-                        })),
+                            });
+                            if let Some(url) = &broker.rabbitmq.management_url {
+                                metadata["host"] = json!(url);
+                            }
+                            if let Some(vhost) = &settings.vhost_name {
+                                metadata["vhostName"] = json!(vhost);
+                            }
+                            queue_triggers.push(json!({
+                                "type": "rabbitmq",
+                                "metricType": "AverageValue",
+                                "metadata": metadata,
+                                "authenticationRef": auth_ref,
+                            }));
+                        }
                     }
                 }
+                queue_target_value = Some(value);
             }
             (other, _) => {
                 return Err(format!(
@@ -278,13 +284,31 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
             }
         }
     }
-    if resource_only && a.min_replicas == 0 {
+    if queue_triggers.is_empty() && a.min_replicas == 0 {
         return Err(
             "autoscaling.minReplicas: KEDA cannot scale to zero on cpu or memory alone; set \
              minReplicas to 1 or more, or add a taskQueueLength metric"
                 .into(),
         );
     }
+    let mut advanced = celery_operator_plugin_sdk::serde_json::Map::new();
+    if let (Some(target), true) = (&queue_target_value, queue_triggers.len() > 1) {
+        let names: Vec<String> = (0..queue_triggers.len()).map(|i| format!("q{i}")).collect();
+        for (trigger, name) in queue_triggers.iter_mut().zip(&names) {
+            trigger["name"] = json!(name);
+        }
+        advanced.insert(
+            "scalingModifiers".into(),
+            json!({"formula": names.join(" + "), "target": target, "metricType": "AverageValue"}),
+        );
+    }
+    if let Some(behavior) = &a.behavior {
+        advanced.insert(
+            "horizontalPodAutoscalerConfig".into(),
+            json!({"behavior": behavior}),
+        );
+    }
+    triggers.extend(queue_triggers);
 
     let mut spec = json!({
         "scaleTargetRef": {"name": name},
@@ -294,6 +318,9 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
         "cooldownPeriod": settings.cooldown_period,
         "triggers": triggers,
     });
+    if !advanced.is_empty() {
+        spec["advanced"] = Value::Object(advanced);
+    }
     let has_resource_trigger = a.metrics.iter().any(|m| m.name != TASK_QUEUE_LENGTH);
     if let (Some(f), false) = (&settings.fallback, has_resource_trigger) {
         spec["fallback"] = json!({
@@ -321,7 +348,19 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
                 refs
             }
             BrokerType::Rabbitmq => {
-                vec![json!({"parameter": "host", "name": secret, "key": broker.secret_ref.key})]
+                let password = settings
+                    .password_key
+                    .clone()
+                    .filter(|k| !k.is_empty())
+                    .ok_or("settings.passwordKey: KEDA's management API access needs a password")?;
+                let mut refs = vec![
+                    json!({"parameter": "username", "name": secret, "key": settings.username_key}),
+                    json!({"parameter": "password", "name": secret, "key": password}),
+                ];
+                if broker.rabbitmq.management_url.is_none() {
+                    refs.push(json!({"parameter": "host", "name": secret, "key": settings.management_url_key}));
+                }
+                refs
             }
         };
         objects.push(json!({

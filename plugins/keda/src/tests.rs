@@ -73,7 +73,14 @@ fn redis_one_trigger_per_list() {
             "metricType": "AverageValue",
             "metadata": {"listName": "celery\u{6}\u{16}3", "listLength": "5", "databaseIndex": "0"},
             "authenticationRef": {"name": "app-worker-default"},
+            "name": "q1",
         })
+    );
+    // KEDA takes the maximum over triggers: a scaling modifier sums them.
+    assert_eq!(
+        spec["advanced"]["scalingModifiers"],
+        json!({"formula": "q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7", "target": "5",
+               "metricType": "AverageValue"})
     );
     // The separator travels as JSON escapes.
     assert!(
@@ -99,12 +106,33 @@ fn redis_one_trigger_per_list() {
 }
 
 #[test]
+fn redis_lists_are_named_as_kombu_writes_them() {
+    let celery = r#"{"spec":{"broker":{"secretRef":{"name":"app-broker","key":"url"},"type":"redis",
+        "redis":{"globalKeyprefix":"shop:","sep":":","prioritySteps":[0,5]}}}}"#;
+    let objs = objects(input(celery, QUEUE_5, &["celery"], "{}")).unwrap();
+    let lists: Vec<&str> = objs[0]["spec"]["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["metadata"]["listName"].as_str().unwrap())
+        .collect();
+    assert_eq!(lists, ["shop:celery", "shop:celery:5"]);
+    // One queue without priority steps: one trigger, nothing to sum.
+    let celery = celery.replace("[0,5]", "[0]");
+    let objs = objects(input(&celery, QUEUE_5, &["celery"], "{}")).unwrap();
+    assert_eq!(objs[0]["spec"]["triggers"].as_array().unwrap().len(), 1);
+    assert!(objs[0]["spec"].get("advanced").is_none());
+}
+
+#[test]
 fn redis_settings() {
+    let celery = r#"{"spec":{"broker":{"secretRef":{"name":"app-broker","key":"url"},"type":"redis",
+        "redis":{"sep":":","prioritySteps":[0,5]}}}}"#;
     let objs = objects(input(
-        REDIS,
+        celery,
         QUEUE_5,
         &["celery"],
-        r#"{"prioritySteps": [0, 5], "prioritySeparator": ":", "databaseIndex": 2,
+        r#"{"databaseIndex": 2,
             "addressKey": "host", "passwordKey": null, "pollingInterval": 10,
             "cooldownPeriod": 60, "fallback": {"failureThreshold": 5, "replicas": 4}}"#,
     ))
@@ -140,18 +168,44 @@ fn rabbitmq_one_trigger_per_queue() {
     let objs = objects(input(RABBITMQ, QUEUE_5, &["celery", "mail"], "{}")).unwrap();
     let triggers = objs[0]["spec"]["triggers"].as_array().unwrap();
     assert_eq!(triggers.len(), 2);
+    // Through the management API: ready and unacknowledged messages, as the operator's own
+    // scaler counts them. The broker URL (amqp://, pyamqp://) is never given to KEDA.
     assert_eq!(
         triggers[1],
         json!({
             "type": "rabbitmq",
             "metricType": "AverageValue",
-            "metadata": {"protocol": "amqp", "queueName": "mail", "mode": "QueueLength", "value": "5"},
+            "metadata": {"protocol": "http", "queueName": "mail", "mode": "QueueLength", "value": "5"},
             "authenticationRef": {"name": "app-worker-default"},
+            "name": "q1",
         })
     );
     assert_eq!(
         objs[1]["spec"],
-        json!({"secretTargetRef": [{"parameter": "host", "name": "app-broker", "key": "url"}]})
+        json!({"secretTargetRef": [
+            {"parameter": "username", "name": "app-broker", "key": "username"},
+            {"parameter": "password", "name": "app-broker", "key": "password"},
+            {"parameter": "host", "name": "app-broker", "key": "management-url"},
+        ]})
+    );
+    // With the management URL in the resource, KEDA gets it from there.
+    let celery = RABBITMQ.replace(
+        r#""type":"rabbitmq""#,
+        r#""type":"rabbitmq","rabbitmq":{"managementUrl":"http://rabbitmq:15672"}"#,
+    );
+    let objs = objects(input(
+        &celery,
+        QUEUE_5,
+        &["celery"],
+        r#"{"vhostName": "shop"}"#,
+    ))
+    .unwrap();
+    let metadata = &objs[0]["spec"]["triggers"][0]["metadata"];
+    assert_eq!(metadata["host"], "http://rabbitmq:15672");
+    assert_eq!(metadata["vhostName"], "shop");
+    assert_eq!(
+        objs[1]["spec"]["secretTargetRef"].as_array().unwrap().len(),
+        2
     );
 }
 
@@ -189,6 +243,18 @@ fn mixed_metrics() {
         .collect();
     assert_eq!(types, ["cpu", "rabbitmq"]);
     assert!(objs[0]["spec"].get("fallback").is_none());
+}
+
+#[test]
+fn behavior_goes_to_the_hpa_keda_creates() {
+    let a = r#"{"minReplicas":1,"maxReplicas":10,"metrics":[{"name":"cpu","target":{"type":"Utilization","averageUtilization":70}}],
+        "behavior":{"scaleUp":{"policies":[{"type":"Pods","value":2,"periodSeconds":60}]}}}"#;
+    let objs = objects(input(UNTYPED, a, &[], "{}")).unwrap();
+    assert_eq!(
+        objs[0]["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleUp"]["policies"]
+            [0]["value"],
+        2
+    );
 }
 
 #[test]

@@ -21,6 +21,9 @@ pub struct Autoscaling {
     /// What to scale on.
     #[serde(default)]
     pub metrics: Vec<Metric>,
+    /// How fast to scale: a HorizontalPodAutoscaler's `behavior`, as the resource gives it.
+    #[serde(default)]
+    pub behavior: Option<Value>,
 }
 
 impl Autoscaling {
@@ -140,6 +143,64 @@ pub struct Broker {
     /// `redis`, `rabbitmq`, or `None` when the resource does not say.
     #[serde(default, rename = "type")]
     pub type_: Option<String>,
+    /// How kombu names a Redis broker's keys.
+    #[serde(default)]
+    pub redis: RedisTransport,
+    /// Where a RabbitMQ broker's management API is.
+    #[serde(default)]
+    pub rabbitmq: RabbitmqAccess,
+}
+
+/// kombu's Redis transport options that change where tasks are stored (`spec.broker.redis`).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RedisTransport {
+    /// kombu's `global_keyprefix`, before every key.
+    pub global_keyprefix: String,
+    /// kombu's `sep`, between a queue's name and its priority step.
+    pub sep: String,
+    /// kombu's `priority_steps`; 0 is the queue's own list.
+    pub priority_steps: Vec<u32>,
+}
+
+impl Default for RedisTransport {
+    fn default() -> Self {
+        RedisTransport {
+            global_keyprefix: String::new(),
+            sep: "\u{6}\u{16}".into(),
+            priority_steps: vec![0, 3, 6, 9],
+        }
+    }
+}
+
+impl RedisTransport {
+    /// The Redis lists kombu keeps for `queue`: its own list and one per priority step, each
+    /// with the global key prefix.
+    pub fn lists(&self, queue: &str) -> Vec<String> {
+        let mut lists: Vec<String> = Vec::new();
+        for step in &self.priority_steps {
+            let list = if *step == 0 {
+                format!("{}{queue}", self.global_keyprefix)
+            } else {
+                format!("{}{queue}{}{step}", self.global_keyprefix, self.sep)
+            };
+            if !lists.contains(&list) {
+                lists.push(list);
+            }
+        }
+        if lists.is_empty() {
+            lists.push(format!("{}{queue}", self.global_keyprefix));
+        }
+        lists
+    }
+}
+
+/// Access to RabbitMQ's management API (`spec.broker.rabbitmq`).
+#[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RabbitmqAccess {
+    /// Base URL of the management API, without credentials.
+    pub management_url: Option<String>,
 }
 
 impl Broker {
@@ -219,6 +280,15 @@ mod tests {
         let b = Broker::from_celery(r#"{"spec":{"broker":{"secretRef":{"name":"s","key":"k"}}}}"#)
             .unwrap();
         assert_eq!(b.type_, None);
+        assert_eq!(
+            b.redis.lists("q"),
+            ["q", "q\u{6}\u{16}3", "q\u{6}\u{16}6", "q\u{6}\u{16}9"]
+        );
+        let b = Broker::from_celery(
+            r#"{"spec":{"broker":{"secretRef":{"name":"s","key":"k"},"redis":{"globalKeyprefix":"shop:","sep":":","prioritySteps":[0,5]}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(b.redis.lists("q"), ["shop:q", "shop:q:5"]);
         let err = Broker::from_celery(r#"{"spec":{}}"#).unwrap_err();
         assert!(err.contains("missing field `broker`"), "{err}");
     }

@@ -159,10 +159,9 @@ fn walk(v: &mut Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 40 {
-        format!("{}...", &s[..40])
-    } else {
-        s
+    match s.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
     }
 }
 

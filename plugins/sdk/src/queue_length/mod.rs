@@ -8,23 +8,31 @@
 //! `celery:operator/scaler@0.1.0#decide` and the component fails to link.
 //!
 //! The backlog is the latest sample's sum, over the pool's queues, of `ready` (waiting)
-//! plus `reserved` (delivered to a worker, not yet acknowledged) tasks. Then, as the HPA
-//! does for an `AverageValue` target:
+//! plus `reserved` (delivered to a worker, not yet acknowledged) tasks. Then exactly as the
+//! Kubernetes HPA does for an External metric with an `AverageValue` target
+//! (`pkg/controller/podautoscaler`: `GetExternalPerPodMetricReplicas`,
+//! `stabilizeRecommendationWithBehaviors`), with the backlog and the target in milli-units
+//! as Kubernetes quantities are:
 //!
-//! 1. backlog 0 → `min-replicas`: the only way to reach zero replicas is an empty queue
-//!    *and* no reserved work;
-//! 2. `current-replicas` 0 → `ceil(backlog / target)` (at least 1);
-//! 3. otherwise, if `(backlog / current) / target` is within `tolerance` of 1 → keep
-//!    `current-replicas`; else `ceil(backlog / target)`;
-//! 4. clamp to `[min-replicas, max-replicas]`; a non-zero backlog gives at least 1;
-//! 5. stabilize: a scale-down goes no lower than the highest recommendation of the last
-//!    `scaleDownStabilizationSeconds` (and this one), a scale-up no higher than the lowest
-//!    of the last `scaleUpStabilizationSeconds` (the HPA's
-//!    `behavior.*.stabilizationWindowSeconds`). Neither window ever moves the replicas
-//!    the other way, and waking a pool from zero is never held back.
+//! 1. `current-replicas` 0 → `ceil(backlog / target)` (the HPA does not scale from zero;
+//!    this scaler does, and an empty backlog stays at `min-replicas`);
+//! 2. otherwise, `ratio = backlog / (target × current)` in floating point, as the HPA
+//!    computes it; if `|1 − ratio| > tolerance` → `ceil(backlog / target)` (in exact integer
+//!    arithmetic, right for any backlog), else `current-replicas` (so an empty backlog
+//!    recommends 0: the only way to reach zero replicas is an empty queue *and* no reserved
+//!    work, and only with `min-replicas` 0);
+//! 3. stabilize the raw recommendation: a scale-down goes no lower than the highest
+//!    recommendation of the last `scaleDownStabilizationSeconds` (and this one), a scale-up
+//!    no higher than the lowest of the last `scaleUpStabilizationSeconds` (the HPA's
+//!    `behavior.*.stabilizationWindowSeconds`). Neither window ever moves the replicas the
+//!    other way;
+//! 4. clamp to `[min-replicas, max-replicas]`; waking a pool from zero for a non-zero
+//!    backlog is never held back.
 //!
-//! `Decision::recommendation` is the clamped recommendation of steps 1–4 (the host keeps
-//! it in `history`); `Decision::replicas` the stabilized one.
+//! `Decision::recommendation` is the raw recommendation of steps 1–2, before any clamp (the
+//! host keeps it in `history`, as the HPA keeps its recommendations); `Decision::replicas` the
+//! stabilized and clamped one. Rate limits (the HPA's scale-up and scale-down policies) are the
+//! host's: see the pool's `autoscaling.behavior`.
 //!
 //! Settings (all optional): `{"tolerance": 0.1, "scaleDownStabilizationSeconds": 300,
 //! "scaleUpStabilizationSeconds": 0}`.
@@ -129,17 +137,31 @@ impl Backlog {
     }
 }
 
-/// `ceil(total / target)` as a replica count for a non-zero `total` (so at least 1),
-/// forgiving the float error of an exact division (`3 / 0.1` is `30.000000000000004`,
-/// which must give 30, not 31).
-fn replicas_for(total: u64, target: f64) -> u32 {
-    let exact = total as f64 / target;
-    // Also catches NaN and infinity (a huge backlog over a tiny target).
-    if exact.is_nan() || exact >= u32::MAX as f64 {
-        return u32::MAX;
+/// A target per replica in milli-units, as Kubernetes reads a quantity (`MilliValue`:
+/// rounded up to a whole milli-unit, at least 1). A target given as a float that is a
+/// whole number of milli-units up to float error (`0.1` is 100.00000000000001 milli) counts
+/// as that number.
+pub fn target_milli(target: f64) -> u64 {
+    let m = target * 1000.0;
+    let near = m.round();
+    let milli = if (m - near).abs() <= near.abs() * 1e-12 {
+        near
+    } else {
+        m.ceil()
+    };
+    if milli >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        (milli as u64).max(1)
     }
-    let replicas = (exact - exact.max(1.0) * 1e-9).ceil();
-    (replicas as u32).max(1)
+}
+
+/// `ceil(total / target)` in exact integer arithmetic, as a replica count (saturating).
+fn replicas_for(total: u64, target_milli: u64) -> u32 {
+    let usage = u128::from(total) * 1000;
+    let target = u128::from(target_milli);
+    let replicas = usage.div_ceil(target);
+    u32::try_from(replicas).unwrap_or(u32::MAX)
 }
 
 /// Formats a number for a person: `5`, `2.5`, `4.83`.
@@ -148,7 +170,7 @@ fn num(x: f64) -> String {
     format!("{rounded}")
 }
 
-/// The raw (clamped, not yet stabilized) recommendation and why.
+/// The raw recommendation (not yet stabilized nor clamped) and why.
 pub fn recommend(input: &ScalingInput, settings: &Settings) -> Result<(u32, String), String> {
     let target = input.target_per_replica;
     if !(target.is_finite() && target > 0.0) {
@@ -165,58 +187,45 @@ pub fn recommend(input: &ScalingInput, settings: &Settings) -> Result<(u32, Stri
     let backlog = Backlog::latest(&input.samples)?;
     let total = backlog.total();
     let current = input.current_replicas;
+    let milli = target_milli(target);
     let what = format!(
         "backlog {total} (ready {}, reserved {})",
         backlog.ready, backlog.reserved
     );
-
-    let (wanted, mut reason) = if total == 0 {
-        (
-            input.min_replicas,
-            format!(
-                "{what}: no queued or reserved tasks: {} (min-replicas)",
-                input.min_replicas
-            ),
-        )
-    } else if current == 0 {
-        let n = replicas_for(total, target);
-        (
+    if current == 0 {
+        let n = if total == 0 {
+            0
+        } else {
+            replicas_for(total, milli)
+        };
+        return Ok((
             n,
             format!("{what} over target {}/replica: {n} replicas", num(target)),
-        )
-    } else {
-        let per_replica = total as f64 / current as f64;
-        let ratio = per_replica / target;
-        // The epsilon keeps a ratio exactly at the edge (22 tasks on 4 replicas for 5 is
-        // 1.1, computed as 1.1000000000000001) inside the tolerance.
-        if (ratio - 1.0).abs() <= settings.tolerance + 1e-9 {
-            (
-                current,
-                format!(
-                    "{what} is {}/replica, within {}% tolerance of target {}: keep {current}",
-                    num(per_replica),
-                    num(settings.tolerance * 100.0),
-                    num(target)
-                ),
-            )
-        } else {
-            let n = replicas_for(total, target);
-            (
-                n,
-                format!("{what} over target {}/replica: {n} replicas", num(target)),
-            )
-        }
-    };
-
-    // A non-zero backlog always wants at least 1 (see `replicas_for`), so with
-    // max-replicas >= 1 only an empty backlog can recommend 0.
-    let replicas = wanted.clamp(input.min_replicas, input.max_replicas);
-    if replicas < wanted {
-        reason.push_str(&format!(", capped at max-replicas {replicas}"));
-    } else if replicas > wanted {
-        reason.push_str(&format!(", raised to min-replicas {replicas}"));
+        ));
     }
-    Ok((replicas, reason))
+    // The HPA's test, in its floating point: float64(usage) / (float64(target) *
+    // float64(replicas)), with usage and target in milli-units.
+    let usage = total as f64 * 1000.0;
+    let ratio = usage / (milli as f64 * f64::from(current));
+    if (1.0 - ratio).abs() > settings.tolerance {
+        let n = replicas_for(total, milli);
+        let reason = if total == 0 {
+            format!("{what}: no queued or reserved tasks: {n} replicas")
+        } else {
+            format!("{what} over target {}/replica: {n} replicas", num(target))
+        };
+        Ok((n, reason))
+    } else {
+        Ok((
+            current,
+            format!(
+                "{what} is {}/replica, within {}% tolerance of target {}: keep {current}",
+                num(total as f64 / f64::from(current)),
+                num(settings.tolerance * 100.0),
+                num(target)
+            ),
+        ))
+    }
 }
 
 /// Recommendations of `history` made in the `seconds` before `now_ms` (a future one
@@ -269,17 +278,22 @@ pub fn stabilize(input: &ScalingInput, raw: u32, settings: &Settings) -> (u32, O
 }
 
 /// The whole decision: [`recommend`], then [`stabilize`], clamped to
-/// `[min-replicas, max-replicas]` (history may predate a change of bounds). Waking a pool
-/// from zero is never held back: a non-zero backlog always gets at least 1 replica.
+/// `[min-replicas, max-replicas]`. Waking a pool from zero is never held back: a non-zero
+/// backlog always gets at least 1 replica.
 pub fn decide(input: &ScalingInput, settings: &Settings) -> Result<Decision, String> {
     let (recommendation, mut reason) = recommend(input, settings)?;
-    let (mut replicas, note) = stabilize(input, recommendation, settings);
+    let (stabilized, note) = stabilize(input, recommendation, settings);
     if let Some(note) = note {
         reason = format!("{reason}; {note}");
     }
-    replicas = replicas.clamp(input.min_replicas, input.max_replicas);
+    let mut replicas = stabilized.clamp(input.min_replicas, input.max_replicas);
+    if replicas < stabilized {
+        reason.push_str(&format!("; capped at max-replicas {replicas}"));
+    } else if replicas > stabilized {
+        reason.push_str(&format!("; raised to min-replicas {replicas}"));
+    }
     if recommendation > 0 && replicas == 0 {
-        replicas = recommendation.min(1);
+        replicas = 1.min(input.max_replicas);
         reason.push_str(&format!("; waking from zero: {replicas}"));
     }
     Ok(Decision {

@@ -124,8 +124,11 @@ fn within_tolerance_keeps_current() {
         d.reason,
         "backlog 19 (ready 19, reserved 0) is 4.75/replica, within 10% tolerance of target 5: keep 4"
     );
-    // Exactly at the 10% edge: still kept.
-    assert_eq!(run(&input(4, 1, 20, 22, 0)).replicas, 4);
+    // At the 10% edge, in the HPA's floating point: 22 on 4 for 5 is a ratio of 1.1, and
+    // |1 - 1.1| is 0.10000000000000009 > 0.1, so the HPA scales (to 5); 18 on 4 is 0.9, and
+    // |1 - 0.9| is 0.09999999999999998, so it keeps 4.
+    assert_eq!(run(&input(4, 1, 20, 22, 0)).replicas, 5);
+    assert_eq!(run(&input(4, 1, 20, 18, 0)).replicas, 4);
 }
 
 #[test]
@@ -157,7 +160,7 @@ fn scales_to_zero_only_when_queue_and_reserved_are_both_zero() {
     assert_eq!(d.replicas, 0);
     assert_eq!(
         d.reason,
-        "backlog 0 (ready 0, reserved 0): no queued or reserved tasks: 0 (min-replicas)"
+        "backlog 0 (ready 0, reserved 0): no queued or reserved tasks: 0 replicas"
     );
     // One reserved task (a worker is busy with it): not zero.
     let d = run(&input(3, 0, 10, 0, 1));
@@ -170,8 +173,14 @@ fn scales_to_zero_only_when_queue_and_reserved_are_both_zero() {
 #[test]
 fn empty_backlog_goes_to_min_replicas() {
     let d = run(&input(3, 2, 10, 0, 0));
-    assert_eq!(d.recommendation, 2);
+    // The raw recommendation, as the HPA records it, is 0; the pool runs min-replicas.
+    assert_eq!(d.recommendation, 0);
     assert_eq!(d.replicas, 2);
+    assert!(
+        d.reason.ends_with("; raised to min-replicas 2"),
+        "{}",
+        d.reason
+    );
 }
 
 #[test]
@@ -198,17 +207,21 @@ fn waking_from_zero_is_never_held_by_scale_up_stabilization() {
 #[test]
 fn clamps_to_max_and_min() {
     let d = run(&input(2, 1, 6, 100, 0));
-    assert_eq!(d.recommendation, 6);
+    assert_eq!(
+        d.recommendation, 20,
+        "the raw recommendation is not clamped"
+    );
     assert_eq!(d.replicas, 6);
     assert!(
-        d.reason.ends_with(", capped at max-replicas 6"),
+        d.reason.ends_with("; capped at max-replicas 6"),
         "{}",
         d.reason
     );
     let d = run(&input(2, 3, 6, 5, 0));
-    assert_eq!(d.recommendation, 3);
+    assert_eq!(d.recommendation, 1);
+    assert_eq!(d.replicas, 3);
     assert!(
-        d.reason.ends_with(", raised to min-replicas 3"),
+        d.reason.ends_with("; raised to min-replicas 3"),
         "{}",
         d.reason
     );
@@ -221,7 +234,8 @@ fn exact_divisions_do_not_round_up() {
     assert_eq!(run(&i).recommendation, 30);
     let mut i = input(1, 0, 100, 31, 0);
     i.target_per_replica = 0.1;
-    assert_eq!(run(&i).recommendation, 100); // 310, capped
+    assert_eq!(run(&i).recommendation, 310);
+    assert_eq!(run(&i).replicas, 100);
 }
 
 #[test]
@@ -340,6 +354,26 @@ fn errors() {
         plugin(i).unwrap_err(),
         "min-replicas 5 is above max-replicas 2"
     );
+}
+
+#[test]
+fn large_backlogs_are_counted_exactly() {
+    let mut i = input(1, 0, u32::MAX, 1_000_000_001, 0);
+    i.target_per_replica = 200_000.0;
+    assert_eq!(run(&i).recommendation, 5_001);
+    let mut i = input(1, 0, u32::MAX, 1_999_999_999, 0);
+    i.target_per_replica = 1.0;
+    assert_eq!(run(&i).recommendation, 1_999_999_999);
+}
+
+#[test]
+fn targets_are_read_in_milli_units_as_kubernetes_does() {
+    assert_eq!(target_milli(5.0), 5000);
+    assert_eq!(target_milli(0.1), 100);
+    assert_eq!(target_milli(2.5), 2500);
+    assert_eq!(target_milli(0.0005), 1, "rounded up to a milli-unit");
+    assert_eq!(target_milli(1e-9), 1);
+    assert_eq!(target_milli(200_000.0), 200_000_000);
 }
 
 #[test]
