@@ -482,9 +482,48 @@ workers:
     })
     .await;
     assert_eq!(entry["queued"], 30);
+    assert!(
+        entry["recommendations"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["replicas"] == 6)),
+        "the recommendation is kept in the status: {entry}"
+    );
     // The reconciler's own status is still there beside the scaler's entry (two field managers).
     assert!(condition(cluster, "shop", "Ready").await.is_some());
     assert_nothing_forbidden(cluster, mark, &op);
+
+    // A new operator (a restart, a new leader) finds the queue empty: it must keep the
+    // scale-down window the first one started, from the status, and not drop to 1.
+    drop(op);
+    redis::cmd("DEL")
+        .arg("jobs")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let op = cluster.operator("restarted", &[]);
+    let entry = wait(LONG, "the new operator's decision", &op, || async {
+        let c = celeries(cluster).get("shop").await.ok()?;
+        let e = c.data["status"]["scaling"][0].clone();
+        (e["queued"] == 0).then_some(e)
+    })
+    .await;
+    assert_eq!(entry["desiredReplicas"], 6, "{entry}");
+    assert!(
+        entry["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("held by the 300s stabilization window")),
+        "{entry}"
+    );
+    assert_eq!(
+        deployments
+            .get("shop-worker-jobs")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(6)
+    );
 }
 
 #[tokio::test]
