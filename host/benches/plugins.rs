@@ -8,12 +8,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use celery_operator::build::desired_children;
 use celery_operator::crd::Celery;
+use celery_operator::desired::desired_children;
 use celery_operator::plugin::bindings::scaler;
 use celery_operator::plugin::runtime::engine;
-use celery_operator::plugin::{Compiler, Limits, PluginRef, Registry, Runtime, builtin};
-use celery_operator::shape::{PluginConfig, Plugins, shape};
+use celery_operator::plugin::{Compiler, Limits, PluginId, Registry, Runtime, builtin};
+use celery_operator::plugin::{PluginConfig, Plugins};
+use celery_operator::shape::shape;
 
 fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
     samples.sort();
@@ -91,7 +92,7 @@ fn main() {
 
     let registry = Arc::new(Registry::with_builtins(Arc::new(runtime)).unwrap());
     let config = PluginConfig {
-        cluster_shapers: vec![PluginRef {
+        cluster_shapers: vec![PluginId {
             name: "noop".into(),
             digest: None,
         }],
@@ -106,7 +107,9 @@ fn main() {
     let mut celery: Celery = serde_saphyr::from_str(&yaml).unwrap();
     celery.metadata.uid = Some("uid".into());
     let built = desired_children(&celery);
-    let samples = time(500, || shape(&plugins, &celery, built.clone()).unwrap());
+    let samples = time(500, || {
+        shape(&plugins, &celery, built.clone(), &Default::default()).unwrap()
+    });
     report(
         &format!(
             "shape: examples/full.yaml ({} objects, hpa + noop)",

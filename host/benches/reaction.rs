@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use celery_operator::crd::Celery;
 use celery_operator::metrics::Metrics;
 use celery_operator::plugin::{Compiler, Limits, Registry, Runtime};
+use celery_operator::plugin::{PluginConfig, Plugins};
 use celery_operator::reconcile::Context;
-use celery_operator::shape::{PluginConfig, Plugins};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -107,8 +107,11 @@ async fn main() {
         Arc::new(Metrics::default()),
         plugins,
         None,
+        celery_operator::reconcile::DEFAULT_POLL_INTERVAL,
     ));
-    ctx.scalers.sync(&ctx, &celery);
+    // The loops stop when dropped: keep them for the whole bench.
+    let mut loops = std::collections::BTreeMap::new();
+    ctx.scalers.sync(&celery, &mut loops);
 
     let mut conn = redis::Client::open(redis.url())
         .unwrap()

@@ -3,7 +3,8 @@
 //! its ServiceAccount): N Celery resources (one pool each) are created and settle; then the
 //! operator is restarted. Every request is counted from the API server's audit log.
 //!
-//! `cargo bench -p celery-operator --bench scale` (N = 500; `SCALE_RESOURCES=1000` for more).
+//! `cargo bench -p celery-operator --bench scale` (N = 1000; `SCALE_RESOURCES=...` for another
+//! number).
 //! Prints, per phase: the time, the operator's requests by verb, its writes, and its peak RSS.
 
 #[path = "../tests/support/mod.rs"]
@@ -20,7 +21,7 @@ fn main() {
     let n: usize = std::env::var("SCALE_RESOURCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
+        .unwrap_or(1000);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,10 +79,22 @@ fn report(phase: &str, took: Duration, cluster: &Cluster, mark: u64, op: &Operat
         let verb = s.line.split(' ').next().unwrap_or_default().to_string();
         *by_verb.entry(verb).or_default() += 1;
     }
+    // LIST requests by collection (the path without its query), to check "one per kind".
+    let mut lists: BTreeMap<String, usize> = BTreeMap::new();
+    for s in sent.iter().filter(|s| s.line.starts_with("list ")) {
+        let path = s.line.split(' ').nth(1).unwrap_or_default();
+        let collection = path.split('?').next().unwrap_or_default();
+        let kind = collection
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *lists.entry(kind).or_default() += 1;
+    }
     let writes = sent.iter().filter(|s| s.write).count();
     let forbidden = sent.iter().filter(|s| s.forbidden).count();
     println!(
-        "{phase}: {took:.1?}; {} requests {by_verb:?}; {writes} writes; {forbidden} forbidden; operator peak RSS {} MiB",
+        "{phase}: {took:.1?}; {} requests {by_verb:?}; lists {lists:?}; {writes} writes; {forbidden} forbidden; operator peak RSS {} MiB",
         sent.len(),
         op.peak_rss_kib() / 1024
     );
@@ -144,7 +157,8 @@ async fn run(n: usize) {
     drop(op);
     let mark = cluster.mark();
     let start = Instant::now();
-    let mut op = cluster.operator("second", &[]);
+    // A short resync, so the settled phase below spans one.
+    let mut op = cluster.operator("second", &["--resync-seconds", "20"]);
     while op.reconciled() < n as f64 {
         op.assert_running();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -161,7 +175,7 @@ async fn run(n: usize) {
     let mark = cluster.mark();
     tokio::time::sleep(Duration::from_secs(30)).await;
     report(
-        "settled, 30 s",
+        "settled, 30 s (resync every 20 s: every resource reconciled at least once)",
         Duration::from_secs(30),
         &cluster,
         mark,

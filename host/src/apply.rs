@@ -1,5 +1,5 @@
-//! The IO stages of reconciliation: read the live children, server-side apply the drifted
-//! ones, prune the stale ones.
+//! The IO stages of reconciliation: read the live children (from the watch caches), apply
+//! the drifted ones with server-side apply, prune the stale ones.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -8,8 +8,9 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch
 use kube::{Client, ResourceExt};
 use tracing::warn;
 
-use crate::build::{MANAGER, children_selector};
+use crate::cache::Caches;
 use crate::children::{Child, ChildKind, LiveChild, Served, drifted, stale};
+use crate::names::{MANAGER, children_selector};
 
 /// Live children of one Celery resource, keyed by kind and name.
 pub type LiveObjects = BTreeMap<(ChildKind, String), DynamicObject>;
@@ -60,17 +61,37 @@ pub enum ApplyError {
     },
 }
 
+/// Where children are applied: the cluster, its caches, the namespace and the owning
+/// resource's uid.
+#[derive(Clone, Copy)]
+pub struct ApplyTo<'a> {
+    /// The client.
+    pub client: &'a Client,
+    /// The watch caches.
+    pub caches: &'a Caches,
+    /// The versions the cluster serves.
+    pub served: &'a Served,
+    /// The namespace.
+    pub ns: &'a str,
+    /// The uid of the Celery resource that owns the children.
+    pub owner_uid: &'a str,
+}
+
 /// Applies one desired child when it drifted from `existing` (the live object of its name,
 /// when listed), looking first for an object of that name the list did not show.
 async fn apply_one(
-    client: &Client,
-    served: &Served,
-    ns: &str,
-    owner_uid: &str,
+    to: &ApplyTo<'_>,
     child: &Child,
     existing: Option<DynamicObject>,
     on_write: &impl Fn(ChildKind, &'static str),
 ) -> Result<Step, ApplyError> {
+    let ApplyTo {
+        client,
+        caches,
+        served,
+        ns,
+        owner_uid,
+    } = *to;
     let ar = served
         .get(child.kind)
         .ok_or_else(|| ApplyError::NotServed {
@@ -82,6 +103,18 @@ async fn apply_one(
     let existing = match existing {
         Some(obj) => Some(obj),
         None => api.get_opt(&child.name).await?,
+    };
+    // A cache can be a moment behind: what it shows as drifted is read again first, so a
+    // child that is already right is never written.
+    let drifted_in = |obj: &DynamicObject| {
+        drifted(
+            &child.object,
+            &serde_json::to_value(obj).unwrap_or_default(),
+        )
+    };
+    let existing = match existing {
+        Some(obj) if caches.has(child.kind) && drifted_in(&obj) => api.get_opt(&child.name).await?,
+        other => other,
     };
     let exists = existing.is_some();
     if let Some(obj) = existing {
@@ -97,10 +130,7 @@ async fn apply_one(
                 name: child.name.clone(),
             });
         }
-        if !drifted(
-            &child.object,
-            &serde_json::to_value(&obj).unwrap_or_default(),
-        ) {
+        if !drifted_in(&obj) {
             return Ok(Step::Unchanged(obj));
         }
     }
@@ -203,10 +233,12 @@ impl ServedKinds {
     }
 }
 
-/// Lists every served child kind by the operator's labels: one read per kind. A kind the
-/// cluster does not serve (KEDA not installed) has no children.
-pub async fn list_children(
+/// The live children of the Celery resource `name`: from the watch caches, and by one LIST
+/// for each served kind that is not cached (a kind the cluster began serving after the
+/// operator started, such as KEDA's). A kind the cluster does not serve has no children.
+pub async fn live_children(
     client: &Client,
+    caches: &Caches,
     served: &Served,
     ns: &str,
     name: &str,
@@ -214,8 +246,14 @@ pub async fn list_children(
     let params = ListParams::default().labels(&children_selector(name));
     let mut live = LiveObjects::new();
     for kind in served.kinds() {
-        let ar = served.get(kind).expect("a served kind");
-        for obj in api(client, ns, ar).list(&params).await? {
+        let objects = match caches.children(kind, ns, name) {
+            Some(cached) => cached.iter().map(|o| (**o).clone()).collect(),
+            None => {
+                let ar = served.get(kind).expect("a served kind");
+                api(client, ns, ar).list(&params).await?.items
+            }
+        };
+        for obj in objects {
             live.insert((kind, obj.name_any()), obj);
         }
     }
@@ -261,12 +299,8 @@ enum Step {
 /// quota, a webhook) never leaves the application with fewer components than before. An
 /// object of a desired name that the resource does not control (someone else's, even with
 /// our labels) is never taken over: that is an error, and it is left as it is.
-#[allow(clippy::too_many_arguments)]
 pub async fn apply_children(
-    client: &Client,
-    served: &Served,
-    ns: &str,
-    owner_uid: &str,
+    to: &ApplyTo<'_>,
     desired: &[Child],
     mut live: LiveObjects,
     kept_pools: &[String],
@@ -277,7 +311,7 @@ pub async fn apply_children(
         let key = (child.kind, child.name.clone());
         let existing = live.remove(&key);
         let label = format!("{}/{}", child.kind, child.name);
-        match apply_one(client, served, ns, owner_uid, child, existing, &on_write).await {
+        match apply_one(to, child, existing, &on_write).await {
             Ok(Step::Unchanged(obj)) => {
                 out.current.insert(key, obj);
             }
@@ -300,10 +334,10 @@ pub async fn apply_children(
         .iter()
         .map(|((kind, _), obj)| LiveChild::from_dynamic(*kind, obj))
         .collect();
-    for child in stale(owner_uid, desired, &remaining, kept_pools) {
+    for child in stale(to.owner_uid, desired, &remaining, kept_pools) {
         on_write(child.kind, "delete");
-        let ar = served.get(child.kind).expect("a listed kind is served");
-        match api(client, ns, ar)
+        let ar = to.served.get(child.kind).expect("a listed kind is served");
+        match api(to.client, to.ns, ar)
             .delete(&child.name, &DeleteParams::background())
             .await
         {

@@ -291,7 +291,7 @@ impl LiveChild {
                 .filter(|r| r.controller == Some(true))
                 .map(|r| r.uid.clone())
                 .collect(),
-            pool: obj.labels().get(crate::build::labels::POOL).cloned(),
+            pool: obj.labels().get(crate::names::labels::POOL).cloned(),
         }
     }
 }

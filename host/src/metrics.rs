@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -53,6 +54,10 @@ pub struct Metrics {
     pub scaler_probe_errors: Counter,
     /// Decisions of the operator's own scaler, by verdict.
     pub scaler_decisions: Family<ScalerLabels, Counter>,
+    /// Celery resources the operator keeps state for (dropped when a resource is deleted).
+    pub tracked_resources: Gauge,
+    /// Scaler loops running (one per pool the operator scales itself).
+    pub scaler_loops: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,8 +105,22 @@ impl Default for Metrics {
             "Decisions of the operator's own scaler, by verdict",
             scaler_decisions.clone(),
         );
+        let tracked_resources = Gauge::default();
+        registry.register(
+            "tracked_resources",
+            "Celery resources the operator keeps state for",
+            tracked_resources.clone(),
+        );
+        let scaler_loops = Gauge::default();
+        registry.register(
+            "scaler_loops",
+            "Scaler loops running, one per pool the operator scales itself",
+            scaler_loops.clone(),
+        );
         Metrics {
             registry,
+            tracked_resources,
+            scaler_loops,
             reconciles,
             reconcile_duration,
             child_writes,

@@ -8,9 +8,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::build::{self, labels};
 use crate::children::{Child, ChildKind};
 use crate::crd::{Celery, WorkerPool};
+use crate::desired;
+use crate::names::{self, labels};
 use crate::plugin::PluginError;
 use crate::text::{self, limit};
 
@@ -31,7 +32,7 @@ pub fn autoscaler_children(
         .iter()
         .map(|t| parse_object(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let deployment = build::worker_name(celery, &pool.name);
+    let deployment = names::worker_name(celery, &pool.name);
     let secret = &celery.spec.broker.secret_ref.name;
     for (kind, name, object) in &objects {
         match kind {
@@ -49,7 +50,7 @@ pub fn autoscaler_children(
     Ok(objects
         .into_iter()
         .map(|(kind, name, mut object)| {
-            build::adopt(celery, &pool.name, &mut object);
+            desired::adopt(celery, &pool.name, &mut object);
             Child { kind, name, object }
         })
         .collect())
@@ -375,7 +376,7 @@ mod tests {
         /// No shaper answer panics; an accepted one keeps the identity of what it was given.
         #[test]
         fn no_shaper_answer_panics(texts in prop::collection::vec(plugin_object(), 0..4)) {
-            let given = build::desired_children(&celery());
+            let given = desired::desired_children(&celery());
             if let Ok(children) = shaped_children(&given, &texts) {
                 for child in children {
                     prop_assert!(child.to_dynamic(&child.kind.api_resource()).is_ok());

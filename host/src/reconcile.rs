@@ -1,41 +1,48 @@
-//! The controller: one reconcile strings the stages together — validate, build, apply
-//! (observe, apply drifted, prune stale), status — and reports what a person should see.
+//! The controller: one reconcile strings the stages together — plan (validate, build,
+//! shape: [`crate::plan`]), apply (read the live children from the watch caches, apply what
+//! drifted, prune what is stale), status — and reports what a person should see.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{self, Applied, ServedKinds};
-use crate::build::{self, MANAGER, labels};
+use crate::apply::{self, Applied, ApplyTo, ServedKinds};
+use crate::cache::Caches;
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
+use crate::events::Publisher;
 use crate::metrics::{Metrics, ReconcileLabels, WriteLabels};
-use crate::plugin::configmap;
+use crate::names::{MANAGER, labels};
+use crate::plan::{PlanError, plan};
+use crate::plugin::{Plugins, configmap};
 use crate::scaler::Scalers;
-use crate::shape::{self, Plugins};
+use crate::shape::ShapeError;
+use crate::state::ResourceStates;
 use crate::status::{self, DEGRADED, READY};
-use crate::validate::validate;
 
-/// Resync period: even without any event, every resource is checked for drift this often.
-const RESYNC: Duration = Duration::from_secs(300);
+/// Default resync period: even without any event, every resource is checked for drift this
+/// often (against the watch caches: a resync of a settled resource sends nothing).
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
 /// Default broker poll interval of the operator's own scaler.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
-/// Retry delay after a failed reconcile.
 /// First retry of a failed reconcile; doubled on every failure in a row, up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between retries of a resource that keeps failing.
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How often the state of deleted resources is dropped.
+const FORGET_EVERY: Duration = Duration::from_secs(10);
 
 /// The wait before retry number `failures` (1 = the first failure).
 pub fn retry_after(failures: u32) -> Duration {
@@ -55,7 +62,7 @@ pub enum Error {
     Apply(#[from] apply::ApplyError),
     /// A plugin failed and its failure policy is `fail`.
     #[error("{0}")]
-    Plugin(#[from] shape::ShapeError),
+    Plugin(#[from] ShapeError),
     /// A stage panicked (a bug): the resource is retried, the operator carries on.
     #[error("internal error: {0}")]
     Panicked(String),
@@ -70,41 +77,52 @@ pub struct Context {
     pub client: Client,
     /// The version of each child kind the cluster serves.
     pub served: ServedKinds,
-    /// Who publishes the Events.
-    pub reporter: Reporter,
+    /// Publishes the Events.
+    pub events: Publisher,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// The plugins and the cluster's choices of them.
     pub plugins: Arc<Plugins>,
-    /// The loops of the pools the operator scales itself.
+    /// The watch caches of the children.
+    pub caches: Caches,
+    /// Starts and stops the loops of the pools the operator scales itself.
     pub scalers: Arc<Scalers>,
-    /// How often those loops sample the broker, unless a pool says otherwise.
-    pub poll_interval: Duration,
-    /// Failed reconciles in a row, by resource uid: the retry backoff.
-    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// What is remembered about each resource between reconciles.
+    pub states: ResourceStates,
+    /// How often a resource is reconciled without any event.
+    pub resync: Duration,
 }
 
 impl Context {
-    /// A context whose Events are reported as coming from `instance` (the pod name).
+    /// A context whose Events are reported as coming from `instance` (the pod name), whose
+    /// scaler loops sample brokers every `poll_interval` unless a pool says otherwise.
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
         plugins: Arc<Plugins>,
         instance: Option<String>,
+        poll_interval: Duration,
     ) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance,
-        };
+        let events = Publisher::new(client.clone(), instance);
+        let caches = Caches::default();
+        let scalers = Arc::new(Scalers::new(
+            client.clone(),
+            events.clone(),
+            metrics.clone(),
+            plugins.clone(),
+            caches.clone(),
+            poll_interval,
+        ));
         Context {
-            reporter,
             client,
             served: ServedKinds::undiscovered(),
+            events,
             metrics,
             plugins,
-            scalers: Arc::default(),
-            poll_interval: DEFAULT_POLL_INTERVAL,
-            failures: Default::default(),
+            caches,
+            scalers,
+            states: ResourceStates::default(),
+            resync: DEFAULT_RESYNC,
         }
     }
 }
@@ -127,12 +145,12 @@ pub async fn reconcile(celery: Arc<Celery>, ctx: Arc<Context>) -> Result<Action,
         .inc();
     if result.is_ok() {
         let uid = celery.uid().unwrap_or_default();
-        ctx.failures.lock().expect("failures lock").remove(&uid);
+        ctx.states.with(&uid, |s| s.failures = 0);
     }
     result.map(|r| match r {
         // Only a spec change can fix an invalid spec, and that triggers a reconcile.
         Reconciled::Invalid => Action::await_change(),
-        Reconciled::Applied => Action::requeue(RESYNC),
+        Reconciled::Applied => Action::requeue(ctx.resync),
     })
 }
 
@@ -151,46 +169,46 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
     let now = Time(jiff::Timestamp::now());
     let api: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
 
-    // Stage 1: validate. Nothing is applied or pruned for an invalid spec.
-    if let Err(invalid) = validate(celery) {
+    // Stages 1-3: validate, build, shape (pure but for the plugin calls, which are bounded
+    // but may take up to their deadline: off the async workers).
+    let last_good = ctx.states.with(&uid, |s| s.last_good.clone());
+    let (plugins, owned) = (ctx.plugins.clone(), celery.clone());
+    let planned = tokio::task::spawn_blocking(move || plan(&owned, &plugins, &last_good))
+        .await
+        // A bug, never a plugin's doing (their answers are checked): this resource fails,
+        // the operator carries on.
+        .map_err(|e| Error::Panicked(e.to_string()))?;
+
+    // Nothing is applied or pruned for an invalid spec.
+    if let Err(PlanError::Invalid(invalid)) = &planned {
         let message = invalid.0.join("; ");
         let already_reported = status::find(celery.status.as_ref(), DEGRADED)
             .is_some_and(|c| c.reason == "InvalidSpec" && c.message == message);
         write_status(&api, celery, status::invalid(celery, &message, &now)).await?;
         if !already_reported {
             warn!(%ns, %name, %message, "invalid spec");
-            publish(
-                ctx,
-                celery,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                message,
-            )
-            .await;
+            let events = &ctx.events;
+            events
+                .celery(
+                    celery,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    message,
+                )
+                .await;
         }
         return Ok(Reconciled::Invalid);
     }
 
-    // Stage 2: build the desired children (pure).
-    let built = build::desired_children(celery);
-
-    // Stage 3: shape them with the plugins. Each call is bounded, but may take up to its
-    // deadline, so it runs off the async workers.
-    let (plugins, owned) = (ctx.plugins.clone(), celery.clone());
-    let shaped = tokio::task::spawn_blocking(move || shape::shape(&plugins, &owned, built))
-        .await
-        // A bug, never a plugin's doing (their answers are checked): this resource fails,
-        // the operator carries on.
-        .map_err(|e| Error::Panicked(e.to_string()))?;
-
-    // Stage 4: observe the live children, apply what drifted, prune what is stale.
-    let needed: Vec<ChildKind> = shaped
+    // Stage 4: read the live children, apply what drifted, prune what is stale.
+    let needed: Vec<ChildKind> = planned
         .iter()
-        .flat_map(|s| s.children.iter().map(|c| c.kind))
+        .flat_map(|p| p.children.iter().map(|c| c.kind))
         .collect();
     let served = ctx.served.current(&ctx.client, needed).await;
-    let live = apply::list_children(&ctx.client, &served, &ns, &name).await?;
+    ctx.caches.ready().await;
+    let live = apply::live_children(&ctx.client, &ctx.caches, &served, &ns, &name).await?;
     let on_write = |kind: ChildKind, operation| {
         let labels = WriteLabels {
             kind: kind.kind(),
@@ -198,21 +216,18 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
         };
         ctx.metrics.child_writes.get_or_create(&labels).inc();
     };
+    let to = ApplyTo {
+        client: &ctx.client,
+        caches: &ctx.caches,
+        served: &served,
+        ns: &ns,
+        owner_uid: &uid,
+    };
     let mut outcome = status::Outcome::default();
     let mut retry = None;
-    let mut applied = match &shaped {
-        Ok(shaped) if !shaped.hold => {
-            apply::apply_children(
-                &ctx.client,
-                &served,
-                &ns,
-                &uid,
-                &shaped.children,
-                live,
-                &shaped.kept_pools,
-                on_write,
-            )
-            .await
+    let mut applied = match &planned {
+        Ok(plan) if !plan.keep_what_runs => {
+            apply::apply_children(&to, &plan.children, live, &plan.kept_pools, on_write).await
         }
         // Nothing is applied: what runs stays as it is.
         _ => Applied {
@@ -220,17 +235,22 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
             ..Default::default()
         },
     };
-    match shaped {
-        Ok(shaped) => {
-            outcome.plugins = shaped.uses;
-            outcome.plugin_problems = shaped.problems;
+    match planned {
+        Ok(plan) => {
+            ctx.states.with(&uid, |s| {
+                s.last_good.extend(plan.autoscaler_answers);
+                let pools = &celery.spec.workers;
+                s.last_good
+                    .retain(|pool, _| pools.iter().any(|p| p.name == *pool));
+            });
+            outcome.plugins = plan.uses;
+            outcome.plugin_problems = plan.problems;
         }
-        Err(e @ shape::ShapeError::Rejected { .. }) => {
-            outcome.failure = Some(("ShapingRejected", e.to_string()));
-        }
-        Err(e @ shape::ShapeError::Failed { .. }) => {
-            outcome.failure = Some(("PluginFailed", e.to_string()));
-            retry = Some(Error::Plugin(e));
+        Err(e) => {
+            outcome.failure = Some((e.reason(), e.to_string()));
+            if let PlanError::Plugin(e @ ShapeError::Failed { .. }) = e {
+                retry = Some(Error::Plugin(e));
+            }
         }
     }
     outcome
@@ -253,7 +273,8 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
     // The pools the operator scales itself get their scaler loops (started, changed or
     // stopped here, run on their own).
     if outcome.failure.is_none() {
-        ctx.scalers.sync(ctx, celery);
+        ctx.states
+            .with(&uid, |s| ctx.scalers.sync(celery, &mut s.scalers));
     }
 
     // Stage 5: status and Events.
@@ -280,7 +301,7 @@ fn refused_updates(ctx: &Context, celery: &Celery, uses: &[crate::crd::PluginUse
             .spec
             .workers
             .iter()
-            .filter_map(|p| Some(shape::autoscaler_of(&ctx.plugins.config, p)?.name)),
+            .filter_map(|p| Some(ctx.plugins.autoscaler_of(p)?.name)),
     );
     names.sort();
     names.dedup();
@@ -352,24 +373,25 @@ async fn report(
         if !items.is_empty() {
             info!(%ns, %name, objects = ?items, "{what} children");
             let note = format!("{} {}", capitalize(what), items.join(", "));
-            publish(ctx, celery, EventType::Normal, reason, "Reconcile", note).await;
+            let events = &ctx.events;
+            events
+                .celery(celery, EventType::Normal, reason, "Reconcile", note)
+                .await;
         }
     }
     if let Some((reason, message)) = new_failure {
         warn!(%ns, %name, %reason, %message, "reconcile failed");
-        publish(
-            ctx,
-            celery,
-            EventType::Warning,
-            reason,
-            "Reconcile",
-            message,
-        )
-        .await;
+        let events = &ctx.events;
+        events
+            .celery(celery, EventType::Warning, reason, "Reconcile", message)
+            .await;
     }
     if became_ready {
         let note = "Every component has all its pods ready".to_string();
-        publish(ctx, celery, EventType::Normal, "Ready", "Reconcile", note).await;
+        let events = &ctx.events;
+        events
+            .celery(celery, EventType::Normal, "Ready", "Reconcile", note)
+            .await;
     }
 }
 
@@ -380,66 +402,14 @@ fn capitalize(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Publishes an Event; failing to do so is logged, never fatal.
-pub(crate) async fn publish(
-    ctx: &Context,
-    celery: &Celery,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let about = celery.object_ref(&());
-    publish_about(
-        &ctx.client,
-        &ctx.reporter,
-        &about,
-        type_,
-        reason,
-        action,
-        note,
-    )
-    .await;
-}
-
-/// Publishes an Event about any object (a Celery resource, a plugin ConfigMap).
-pub(crate) async fn publish_about(
-    client: &Client,
-    reporter: &Reporter,
-    about: &ObjectReference,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        // The Events API limits notes to 1 KiB; parts of a note may come from plugins.
-        note: Some(crate::text::clean(&note, crate::text::limit::EVENT_NOTE)),
-        action: action.into(),
-        secondary: None,
-    };
-    // A fresh recorder: kube's recorder folds Events with the same reason into one series
-    // and keeps the first note, which would hide a new message behind an old one.
-    let recorder = Recorder::new(client.clone(), reporter.clone());
-    if let Err(e) = recorder.publish(&event, about).await {
-        warn!(error = %e, "could not publish Event");
-    }
-}
-
 /// Decides what happens after a failed reconcile.
 /// A resource that keeps failing is retried ever less often (1 s, 2 s, 4 s, ... 5 min), so
 /// an API server in trouble is not hammered; success resets it.
 pub fn error_policy(celery: Arc<Celery>, error: &Error, ctx: Arc<Context>) -> Action {
-    let failures = {
-        let mut failures = ctx.failures.lock().expect("failures lock");
-        let n = failures
-            .entry(celery.uid().unwrap_or_default())
-            .or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
+    let failures = ctx.states.with(&celery.uid().unwrap_or_default(), |s| {
+        s.failures = s.failures.saturating_add(1);
+        s.failures
+    });
     let wait = retry_after(failures);
     warn!(name = %celery.name_any(), ns = ?celery.namespace(), %error, failures, retry_in = ?wait, "reconcile failed; retrying");
     Action::requeue(wait)
@@ -475,7 +445,7 @@ pub async fn run(
                 plugin_ns.clone(),
                 ctx.plugins.registry.clone(),
                 ctx.metrics.clone(),
-                ctx.reporter.clone(),
+                ctx.events.clone(),
                 move || {
                     let _ = plugins_changed.unbounded_send(());
                 },
@@ -494,11 +464,20 @@ pub async fn run(
         None => info!("no plugin namespace set: plugins come from the built-ins only"),
     }
 
+    // The resources, cached without their managed fields (nothing reads them).
+    let writer = Writer::<Celery>::default();
+    let store = writer.as_reader();
+    let resources = watcher(celeries, watcher::Config::default())
+        .modify(|c: &mut Celery| c.metadata.managed_fields = None)
+        .reflect(writer)
+        .default_backoff()
+        .applied_objects();
+    let mut controller = Controller::for_stream(resources, store.clone());
+    // Every child kind the cluster serves is watched and cached: a changed or deleted child
+    // is repaired at once, and reconciles read children from the caches. A kind served only
+    // later (KEDA installed after the operator) is listed by each reconcile and repaired by
+    // the periodic resync until the next restart.
     let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
-    let mut controller = Controller::new(celeries, watcher::Config::default());
-    // Every child kind the cluster serves is watched, so a changed or deleted child is
-    // repaired at once. A kind served only later (KEDA installed after the operator) is
-    // repaired by the periodic resync until the next restart.
     let served = ctx.served.current(&client, []).await;
     for kind in served.kinds() {
         let ar = served.get(kind).expect("a served kind").clone();
@@ -506,13 +485,22 @@ pub async fn run(
             Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
             None => Api::all_with(client.clone(), &ar),
         };
-        controller = controller.owns_with(children, ar, owned.clone());
+        let events = watcher(children, owned.clone());
+        controller = controller.owns_stream_with(ctx.caches.watch(kind, &ar, events), ar);
     }
+    let forget = tokio::spawn(forget_deleted(ctx.clone(), store));
     controller
         .reconcile_all_on(reconcile_all)
         // A rollout changes a Deployment's status many times a second; one reconcile for
         // the burst is enough.
-        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
+        // At most 16 resources reconciled at once: enough to keep two cores busy (a
+        // reconcile mostly waits on the API server), few enough to bound the memory of a
+        // restart with thousands of resources.
+        .with_config(
+            ControllerConfig::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(16),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -522,7 +510,25 @@ pub async fn run(
             }
         })
         .await;
+    forget.abort();
     info!("controller stopped");
+}
+
+/// Drops, every little while, the state of the resources that are gone (their retry
+/// counters, last good plugin answers, scaler loops and, with them, unused broker probes).
+async fn forget_deleted(ctx: Arc<Context>, store: reflector::Store<Celery>) {
+    // Before the first listing the store is empty: everything would look deleted.
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        let live: HashSet<String> = store.state().iter().filter_map(|c| c.uid()).collect();
+        ctx.states.retain(|uid| live.contains(uid));
+        let (resources, loops) = ctx.states.counts();
+        ctx.metrics.tracked_resources.set(resources as i64);
+        ctx.metrics.scaler_loops.set(loops as i64);
+        tokio::time::sleep(FORGET_EVERY).await;
+    }
 }
 
 /// Blocks until Celery resources can be listed in `namespace` (or all namespaces), saying

@@ -2,13 +2,14 @@
 //! read from YAML, without a cluster: validated, built and shaped by the plugins (the
 //! built-in ones; ConfigMap plugins live in a cluster).
 
+use std::collections::BTreeMap;
+
 use kube::ResourceExt;
 use serde_json::Value;
 
-use crate::build::desired_children;
 use crate::crd::Celery;
-use crate::shape::{Plugins, shape};
-use crate::validate::validate;
+use crate::plan::{PlanError, plan};
+use crate::plugin::Plugins;
 
 /// Why a file cannot be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -16,13 +17,13 @@ pub enum RenderError {
     /// The YAML is not a Celery resource.
     #[error("not a valid Celery resource: {0}")]
     Parse(String),
-    /// A plugin failed or rejected the objects.
+    /// The resource is invalid, or a plugin failed or rejected the objects.
     #[error("{name}: {error}")]
-    Plugin {
+    Plan {
         /// Name of the resource.
         name: String,
-        /// What the plugin did.
-        error: crate::shape::ShapeError,
+        /// What went wrong.
+        error: PlanError,
     },
     /// A plugin failed (and a cluster's failure policy would have kept what runs).
     #[error("{name}: {}", .problems.join("; "))]
@@ -31,14 +32,6 @@ pub enum RenderError {
         name: String,
         /// What failed.
         problems: Vec<String>,
-    },
-    /// The resource breaks a rule of the CRD.
-    #[error("{name}: {error}")]
-    Invalid {
-        /// Name of the resource.
-        name: String,
-        /// The broken rules.
-        error: crate::validate::InvalidSpec,
     },
 }
 
@@ -60,25 +53,21 @@ pub fn render(yaml: &str, plugins: &Plugins) -> Result<String, RenderError> {
         if celery.namespace().is_none() {
             celery.metadata.namespace = Some("default".into());
         }
-        validate(&celery).map_err(|error| RenderError::Invalid {
-            name: celery.name_any(),
+        let name = celery.name_any();
+        // Offline there is no last good answer to keep.
+        let plan = plan(&celery, plugins, &BTreeMap::new()).map_err(|error| RenderError::Plan {
+            name: name.clone(),
             error,
-        })?;
-        let shaped = shape(plugins, &celery, desired_children(&celery)).map_err(|error| {
-            RenderError::Plugin {
-                name: celery.name_any(),
-                error,
-            }
         })?;
         // A plugin failure a failure policy would absorb in a cluster (and keep what runs) is
         // an error here: there is nothing running to keep.
-        if !shaped.problems.is_empty() || shaped.hold {
+        if !plan.problems.is_empty() || plan.keep_what_runs {
             return Err(RenderError::Plugins {
-                name: celery.name_any(),
-                problems: shaped.problems,
+                name,
+                problems: plan.problems,
             });
         }
-        for child in shaped.children {
+        for child in plan.children {
             out.push(
                 serde_saphyr::to_string(&child.object).expect("JSON values serialize to YAML"),
             );
@@ -90,8 +79,7 @@ pub fn render(yaml: &str, plugins: &Plugins) -> Result<String, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::{Compiler, Limits, Registry, Runtime};
-    use crate::shape::PluginConfig;
+    use crate::plugin::{Compiler, Limits, PluginConfig, Registry, Runtime};
     use std::sync::Arc;
 
     fn plugins() -> Plugins {

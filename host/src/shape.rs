@@ -1,78 +1,20 @@
 //! Stage 3 of reconciliation: plugins turn the built objects into the objects to apply.
 //! Autoscaler plugins add the objects that scale each autoscaled pool; the shaping chain
 //! (cluster-wide shapers, then the resource's own) may adjust or drop objects, or reject the
-//! whole set. A plugin that fails is handled by its role's [`FailurePolicy`].
+//! whole set. A plugin that fails is handled by its role's failure policy
+//! ([`crate::plugin::policy`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 
-use kube::ResourceExt;
-
-use crate::build;
 use crate::children::Child;
-use crate::crd::{Celery, MetricName, PluginUse, WorkerPool};
+use crate::crd::{Celery, PluginUse, WorkerPool};
+use crate::names;
 use crate::plugin::bindings::{autoscaler::PoolInput, shaper::ShapeInput};
+use crate::plugin::policy::{self, Called};
 use crate::plugin::{
-    FailurePolicy, PluginError, PluginRef, Registry, Resolved, Role, settings_text,
+    OPERATOR_AUTOSCALER, PluginError, PluginId, Plugins, Resolved, Role, settings_text,
 };
 use crate::plugin_output;
-
-/// The autoscaler name meaning "no objects: the operator's own scaler loop scales".
-pub const OPERATOR_AUTOSCALER: &str = "operator";
-
-/// The cluster's plugin choices (flags of `celery-operator run`; the Helm chart sets them).
-#[derive(Clone, Debug)]
-pub struct PluginConfig {
-    /// Shapers run on every resource, before the resource's own.
-    pub cluster_shapers: Vec<PluginRef>,
-    /// Autoscaler of pools whose metrics are all cpu or memory.
-    pub default_autoscaler: String,
-    /// Autoscaler of pools that scale on taskQueueLength.
-    pub default_queue_autoscaler: String,
-    /// Scaling-decision plugin of the operator's own scaler.
-    pub default_scaler: String,
-    /// What a shaper failure does.
-    pub shaper_failure: FailurePolicy,
-    /// What an autoscaler plugin failure does.
-    pub autoscaler_failure: FailurePolicy,
-    /// What a scaling-decision plugin failure does.
-    pub scaler_failure: FailurePolicy,
-}
-
-impl Default for PluginConfig {
-    fn default() -> Self {
-        PluginConfig {
-            cluster_shapers: Vec::new(),
-            default_autoscaler: "hpa".into(),
-            default_queue_autoscaler: OPERATOR_AUTOSCALER.into(),
-            default_scaler: "queue-length".into(),
-            shaper_failure: FailurePolicy::Fail,
-            autoscaler_failure: FailurePolicy::KeepLastGood,
-            scaler_failure: FailurePolicy::KeepLastGood,
-        }
-    }
-}
-
-/// Plugins as reconciliation uses them.
-pub struct Plugins {
-    /// The named plugins.
-    pub registry: Arc<Registry>,
-    /// The cluster's choices.
-    pub config: PluginConfig,
-    /// Last good autoscaler objects per resource uid and pool, for `keep-last-good`.
-    last_good: Mutex<HashMap<(String, String), Vec<Child>>>,
-}
-
-impl Plugins {
-    /// Plugins from a registry and the cluster's choices.
-    pub fn new(registry: Arc<Registry>, config: PluginConfig) -> Self {
-        Plugins {
-            registry,
-            config,
-            last_good: Mutex::default(),
-        }
-    }
-}
 
 /// The objects to apply, and what the plugins did.
 #[derive(Debug, Default)]
@@ -83,11 +25,15 @@ pub struct Shaped {
     pub uses: Vec<PluginUse>,
     /// Plugin failures the failure policy absorbed, in words.
     pub problems: Vec<String>,
+    /// The objects each pool's autoscaler plugin returned this time (to remember as the last
+    /// good ones).
+    pub autoscaler_answers: BTreeMap<String, Vec<Child>>,
     /// Pools whose autoscaler failed with nothing to fall back on: their live autoscaler
     /// objects are kept as they are.
     pub kept_pools: Vec<String>,
-    /// A shaper failed under `keep-last-good`: apply and prune nothing, keep what runs.
-    pub hold: bool,
+    /// A shaper failed under `keep-last-good`: nothing is applied or pruned, what runs is
+    /// kept.
+    pub keep_what_runs: bool,
 }
 
 /// Why nothing can be applied.
@@ -113,24 +59,22 @@ pub enum ShapeError {
     },
 }
 
-/// Runs the autoscaler plugins and the shaping chain on the built objects.
-pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Shaped, ShapeError> {
+/// Runs the autoscaler plugins and the shaping chain on the built objects. `last_good` holds
+/// the last objects each pool's autoscaler returned, for `keep-last-good`.
+pub fn shape(
+    plugins: &Plugins,
+    celery: &Celery,
+    built: Vec<Child>,
+    last_good: &BTreeMap<String, Vec<Child>>,
+) -> Result<Shaped, ShapeError> {
     let mut shaped = Shaped {
         children: built,
         ..Default::default()
     };
     let celery_json = celery_for_plugins(celery);
     for pool in &celery.spec.workers {
-        add_autoscaler_objects(plugins, celery, &celery_json, pool, &mut shaped)?;
+        add_autoscaler_objects(plugins, celery, &celery_json, pool, last_good, &mut shaped)?;
     }
-    // Last good objects of pools this resource no longer has are of no further use.
-    let uid = celery.uid().unwrap_or_default();
-    let pools = &celery.spec.workers;
-    plugins
-        .last_good
-        .lock()
-        .expect("last-good lock")
-        .retain(|(u, pool), _| *u != uid || pools.iter().any(|p| p.name == *pool));
     // The cluster's shapers (no settings), then the resource's own, each with its settings.
     let own = celery.spec.plugins.iter().flat_map(|p| &p.shapers);
     let chain = (plugins
@@ -138,88 +82,53 @@ pub fn shape(plugins: &Plugins, celery: &Celery, built: Vec<Child>) -> Result<Sh
         .cluster_shapers
         .iter()
         .map(|r| (r.clone(), None)))
-    .chain(own.map(|s| (PluginRef::from(s), s.settings.as_ref())));
+    .chain(own.map(|s| (PluginId::from(s), s.settings.as_ref())));
     for (wanted, settings) in chain {
         let settings = settings_text(settings);
-        let result = plugins
-            .registry
-            .resolve(Role::Shaper, &wanted)
-            .and_then(|r| {
-                run_shaper(
-                    &plugins.registry,
-                    &r,
-                    &celery_json,
-                    settings,
-                    &shaped.children,
-                )
-                .map(|c| (r, c))
-            });
-        match result {
-            Ok((resolved, children)) => {
+        let run = |r: &Resolved| run_shaper(plugins, r, &celery_json, &settings, &shaped.children);
+        let failed = |error| ShapeError::Failed {
+            role: Role::Shaper,
+            plugin: wanted.name.clone(),
+            error,
+        };
+        match policy::call(plugins, Role::Shaper, &wanted, None, run) {
+            Called::Answered { by, value } => {
                 shaped
                     .uses
-                    .push(usage(Role::Shaper, "shaping", &resolved, None));
-                shaped.children = children;
+                    .push(policy::usage(Role::Shaper, "shaping", &by, None));
+                shaped.children = value;
             }
-            Err(PluginError::Rejected(message)) => {
+            Called::Replaced { error, by, value } => {
+                shaped.problems.push(format!(
+                    "shaper {} failed ({error}); the built-in {} was used instead",
+                    wanted.name, by.name
+                ));
+                let fallback = Some(format!("{} failed", wanted.name));
+                shaped
+                    .uses
+                    .push(policy::usage(Role::Shaper, "shaping", &by, fallback));
+                shaped.children = value;
+            }
+            Called::KeepWhatRuns { error } => {
+                shaped.problems.push(format!(
+                    "shaper {} failed ({error}); nothing is applied, what runs is kept",
+                    wanted.name
+                ));
+                shaped.keep_what_runs = true;
+                return Ok(shaped);
+            }
+            Called::Failed {
+                error: PluginError::Rejected(message),
+            } => {
                 return Err(ShapeError::Rejected {
                     plugin: wanted.name,
                     message,
                 });
             }
-            Err(error) => match plugins.config.shaper_failure {
-                FailurePolicy::Fail => {
-                    return Err(ShapeError::Failed {
-                        role: Role::Shaper,
-                        plugin: wanted.name,
-                        error,
-                    });
-                }
-                FailurePolicy::Builtin => {
-                    shaped.problems.push(format!(
-                        "shaper {} failed ({error}); its objects were applied unshaped by it",
-                        wanted.name
-                    ));
-                }
-                FailurePolicy::KeepLastGood => {
-                    shaped.problems.push(format!(
-                        "shaper {} failed ({error}); nothing is applied, what runs is kept",
-                        wanted.name
-                    ));
-                    shaped.hold = true;
-                    return Ok(shaped);
-                }
-            },
+            Called::Failed { error } => return Err(failed(error)),
         }
     }
     Ok(shaped)
-}
-
-fn usage(role: Role, target: &str, r: &Resolved, fallback: Option<String>) -> PluginUse {
-    PluginUse {
-        role: role.to_string(),
-        target: target.into(),
-        name: r.name.clone(),
-        digest: r.plugin.digest.clone(),
-        source: r.source.to_string(),
-        fallback,
-    }
-}
-
-/// The autoscaler a pool uses: its own choice, or the cluster default for its metrics.
-pub fn autoscaler_of(config: &PluginConfig, pool: &WorkerPool) -> Option<PluginRef> {
-    let autoscaling = pool.autoscaling.as_ref()?;
-    Some(match &autoscaling.autoscaler {
-        Some(r) => PluginRef::from(r),
-        None if autoscaling
-            .metrics
-            .iter()
-            .any(|m| m.name == MetricName::TaskQueueLength) =>
-        {
-            PluginRef::named(&config.default_queue_autoscaler)
-        }
-        None => PluginRef::named(&config.default_autoscaler),
-    })
 }
 
 fn add_autoscaler_objects(
@@ -227,19 +136,19 @@ fn add_autoscaler_objects(
     celery: &Celery,
     celery_json: &str,
     pool: &WorkerPool,
+    last_good: &BTreeMap<String, Vec<Child>>,
     shaped: &mut Shaped,
 ) -> Result<(), ShapeError> {
-    let Some(wanted) = autoscaler_of(&plugins.config, pool) else {
+    let (Some(wanted), Some(autoscaling)) = (plugins.autoscaler_of(pool), &pool.autoscaling) else {
         return Ok(());
     };
     if wanted.name == OPERATOR_AUTOSCALER {
         return Ok(());
     }
-    let autoscaling = pool.autoscaling.as_ref().expect("autoscaler_of checked it");
     let input = PoolInput {
         celery: celery_json.into(),
         pool: pool.name.clone(),
-        deployment: build::worker_name(celery, &pool.name),
+        deployment: names::worker_name(celery, &pool.name),
         autoscaling: serde_json::to_string(autoscaling).expect("serializes"),
         queues: pool.queues.clone(),
         settings: settings_text(
@@ -250,41 +159,38 @@ fn add_autoscaler_objects(
         ),
     };
     let target = format!("pool {}", pool.name);
-    let key = (celery.uid().unwrap_or_default(), pool.name.clone());
-    let run = |r: &Resolved| run_autoscaler(&plugins.registry, r, celery, pool, &input);
-    let result = plugins
-        .registry
-        .resolve(Role::Autoscaler, &wanted)
-        .and_then(|r| run(&r).map(|c| (r, c)));
-    let error = match result {
-        Ok((resolved, children)) => {
+    let run = |r: &Resolved| {
+        let out = plugins
+            .registry
+            .runtime()
+            .autoscaler_objects(&r.plugin, &input)?;
+        plugin_output::autoscaler_children(celery, pool, &out)
+    };
+    match policy::call(plugins, Role::Autoscaler, &wanted, Some(pool), run) {
+        Called::Answered { by, value } => {
             shaped
                 .uses
-                .push(usage(Role::Autoscaler, &target, &resolved, None));
-            let mut last = plugins.last_good.lock().expect("last-good lock");
-            last.insert(key, children.clone());
-            shaped.children.extend(children);
-            return Ok(());
+                .push(policy::usage(Role::Autoscaler, &target, &by, None));
+            shaped
+                .autoscaler_answers
+                .insert(pool.name.clone(), value.clone());
+            shaped.children.extend(value);
         }
-        Err(error) => error,
-    };
-    let failed = |error| ShapeError::Failed {
-        role: Role::Autoscaler,
-        plugin: wanted.name.clone(),
-        error,
-    };
-    match plugins.config.autoscaler_failure {
-        FailurePolicy::Fail => Err(failed(error)),
-        FailurePolicy::KeepLastGood => {
-            let last = plugins
-                .last_good
-                .lock()
-                .expect("last-good lock")
-                .get(&key)
-                .cloned();
-            let what = match last {
+        Called::Replaced { error, by, value } => {
+            shaped.problems.push(format!(
+                "autoscaler {} failed for pool {} ({error}); the built-in {} was used",
+                wanted.name, pool.name, by.name
+            ));
+            let fallback = Some(format!("{} failed", wanted.name));
+            shaped
+                .uses
+                .push(policy::usage(Role::Autoscaler, &target, &by, fallback));
+            shaped.children.extend(value);
+        }
+        Called::KeepWhatRuns { error } => {
+            let what = match last_good.get(&pool.name) {
                 Some(children) => {
-                    shaped.children.extend(children);
+                    shaped.children.extend(children.iter().cloned());
                     "the last good objects are applied"
                 }
                 None => {
@@ -296,57 +202,31 @@ fn add_autoscaler_objects(
                 "autoscaler {} failed for pool {} ({error}); {what}",
                 wanted.name, pool.name
             ));
-            Ok(())
         }
-        FailurePolicy::Builtin => {
-            let builtin = plugins
-                .registry
-                .builtin(&wanted.name)
-                .or_else(|| plugins.registry.builtin(&plugins.config.default_autoscaler))
-                .ok_or_else(|| failed(error.clone()))?;
-            let children = run(&builtin).map_err(failed)?;
-            shaped.problems.push(format!(
-                "autoscaler {} failed for pool {} ({error}); the built-in {} was used",
-                wanted.name, pool.name, builtin.name
-            ));
-            shaped.uses.push(usage(
-                Role::Autoscaler,
-                &target,
-                &builtin,
-                Some(format!("{} failed", wanted.name)),
-            ));
-            shaped.children.extend(children);
-            Ok(())
+        Called::Failed { error } => {
+            return Err(ShapeError::Failed {
+                role: Role::Autoscaler,
+                plugin: wanted.name,
+                error,
+            });
         }
     }
-}
-
-fn run_autoscaler(
-    registry: &Registry,
-    resolved: &Resolved,
-    celery: &Celery,
-    pool: &WorkerPool,
-    input: &PoolInput,
-) -> Result<Vec<Child>, PluginError> {
-    let out = registry
-        .runtime()
-        .autoscaler_objects(&resolved.plugin, input)?;
-    plugin_output::autoscaler_children(celery, pool, &out)
+    Ok(())
 }
 
 fn run_shaper(
-    registry: &Registry,
+    plugins: &Plugins,
     resolved: &Resolved,
     celery_json: &str,
-    settings: String,
+    settings: &str,
     children: &[Child],
 ) -> Result<Vec<Child>, PluginError> {
     let input = ShapeInput {
         celery: celery_json.into(),
         objects: children.iter().map(|c| c.object.to_string()).collect(),
-        settings,
+        settings: settings.into(),
     };
-    let out = registry.runtime().shape(&resolved.plugin, &input)?;
+    let out = plugins.registry.runtime().shape(&resolved.plugin, &input)?;
     plugin_output::shaped_children(children, &out)
 }
 
@@ -372,7 +252,7 @@ mod tests {
 
     #[test]
     fn plugins_see_the_spec_but_not_the_status() {
-        let mut celery = crate::build::tests::celery(crate::build::tests::FULL);
+        let mut celery = crate::desired::tests::celery(crate::desired::tests::FULL);
         celery.status = Some(crate::crd::CeleryStatus {
             conditions: vec![crate::status::condition(
                 &[],

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::build::{beat_name, flower_name, worker_name};
 use crate::crd::{Celery, CeleryStatus, ComponentStatus, PluginUse, PoolStatus};
+use crate::names::{beat_name, flower_name, worker_name};
 
 /// Condition type: every component has all its pods ready.
 pub const READY: &str = "Ready";
@@ -275,7 +275,7 @@ pub fn find<'a>(status: Option<&'a CeleryStatus>, type_: &str) -> Option<&'a Con
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::tests::{FULL, celery};
+    use crate::desired::tests::{FULL, celery};
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentSpec, DeploymentStatus};
 
     fn time(secs: i64) -> Time {

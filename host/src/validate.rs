@@ -51,7 +51,7 @@ pub fn validate(celery: &Celery) -> Result<(), InvalidSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::tests::{FULL, celery};
+    use crate::desired::tests::{FULL, celery};
 
     #[test]
     fn every_rule_of_the_crd_compiles() {

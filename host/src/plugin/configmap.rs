@@ -10,15 +10,15 @@ use std::sync::Arc;
 use flate2::read::GzDecoder;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::events::{EventType, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::registry::Source;
 use super::{Registry, Runtime};
+use crate::events::Publisher;
 use crate::metrics::{Metrics, PluginLoadLabels};
-use crate::reconcile::publish_about;
 
 /// Label that marks a plugin ConfigMap; its value is the plugin's name.
 pub const PLUGIN_LABEL: &str = "celeryproject.org/plugin";
@@ -104,16 +104,16 @@ pub async fn watch(
     namespace: String,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    reporter: Reporter,
+    events: Publisher,
     changed: impl Fn(),
     initialized: impl FnOnce(),
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let config = watcher::Config::default().labels(PLUGIN_LABEL);
     let mut initialized = Some(initialized);
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(api, config).default_backoff().boxed();
     loop {
-        let event = match events.try_next().await {
+        let event = match stream.try_next().await {
             Ok(Some(event)) => event,
             Ok(None) => return,
             Err(e) => {
@@ -133,7 +133,7 @@ pub async fn watch(
                         name: None,
                         error: format!("internal error while loading: {e}"),
                     });
-                report(&client, &reporter, &metrics, &cm, &loaded).await;
+                report(&events, &metrics, &cm, &loaded).await;
                 if loaded != Loaded::Unchanged {
                     changed();
                 }
@@ -156,13 +156,7 @@ pub async fn watch(
     }
 }
 
-async fn report(
-    client: &Client,
-    reporter: &Reporter,
-    metrics: &Metrics,
-    cm: &ConfigMap,
-    loaded: &Loaded,
-) {
+async fn report(events: &Publisher, metrics: &Metrics, cm: &ConfigMap, loaded: &Loaded) {
     let (result, event) = match loaded {
         Loaded::Unchanged => return,
         Loaded::Swapped { name, digest } => {
@@ -182,8 +176,9 @@ async fn report(
         .get_or_create(&PluginLoadLabels { result })
         .inc();
     let (type_, reason, note) = event;
-    let about = cm.object_ref(&());
-    publish_about(client, reporter, &about, type_, reason, "LoadPlugin", note).await;
+    events
+        .about(&cm.object_ref(&()), type_, reason, "LoadPlugin", note)
+        .await;
 }
 
 #[cfg(test)]

@@ -1,20 +1,25 @@
 //! WebAssembly component plugins: the sandboxed [`runtime`], the named plugins a cluster
-//! has ([`registry`], with the [`builtin`] defaults and those loaded from ConfigMaps), and the
-//! failure policy that decides what happens when a plugin misbehaves.
+//! has ([`registry`], with the [`builtin`] defaults and those loaded from ConfigMaps), which
+//! plugin does what ([`choice`], where the difference between an *autoscaler* and a *scaler*
+//! plugin is explained), and the failure [`policy`] that decides what happens when a plugin
+//! misbehaves.
 
 pub mod bindings;
 pub mod builtin;
+pub mod choice;
 pub mod cli;
 pub mod compile;
 pub mod configmap;
+pub mod policy;
 pub mod registry;
 pub mod runtime;
 pub mod wasi;
 
 use std::time::Duration;
 
+pub use choice::{OPERATOR_AUTOSCALER, PluginConfig, Plugins};
 pub use compile::{Compiler, Sandbox};
-pub use registry::{PluginRef, Registry, Resolved};
+pub use registry::{PluginId, Registry, Resolved};
 pub use runtime::{Limits, Plugin, Runtime};
 
 /// The WIT package plugins implement.
@@ -67,12 +72,15 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// What to do when a plugin fails (traps, times out, returns garbage or is missing).
+/// What to do when a plugin fails (traps, times out, returns garbage or is missing); see
+/// [`policy`] for what each means in every role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailurePolicy {
-    /// Keep what is running: the last good result is kept, nothing new is applied for it.
+    /// Keep what runs: the last good answer if there is one, else the running objects (or
+    /// replicas) stay as they are.
     KeepLastGood,
-    /// Use the built-in plugin of the same name, or the role's built-in default.
+    /// Use the built-in plugin of the same name, or the cluster's default built-in for the
+    /// role.
     Builtin,
     /// Fail the reconcile: nothing is applied, the resource is Degraded, it is retried.
     Fail,

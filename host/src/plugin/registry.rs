@@ -11,28 +11,30 @@ use super::{Plugin, PluginError, Role, Runtime, builtin};
 /// Builds of one plugin kept for digest pins (the newest last).
 const KEPT_BUILDS: usize = 8;
 
-/// A plugin wanted by name, optionally pinned to a digest.
+/// A plugin by name, optionally pinned to one build by digest: what the registry resolves.
+/// (The CRD's `crd::PluginRef` is what a resource writes: the same plus the plugin's
+/// settings.)
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PluginRef {
+pub struct PluginId {
     /// Plugin name.
     pub name: String,
     /// `sha256:<hex>` to pin one build.
     pub digest: Option<String>,
 }
 
-impl PluginRef {
+impl PluginId {
     /// The current build of the plugin `name`.
     pub fn named(name: impl Into<String>) -> Self {
-        PluginRef {
+        PluginId {
             name: name.into(),
             digest: None,
         }
     }
 }
 
-impl From<&crate::crd::PluginRef> for PluginRef {
+impl From<&crate::crd::PluginRef> for PluginId {
     fn from(r: &crate::crd::PluginRef) -> Self {
-        PluginRef {
+        PluginId {
             name: r.name.clone(),
             digest: r.digest.clone(),
         }
@@ -195,7 +197,7 @@ impl Registry {
     }
 
     /// The build to use for `wanted` in `role`.
-    pub fn resolve(&self, role: Role, wanted: &PluginRef) -> Result<Resolved, PluginError> {
+    pub fn resolve(&self, role: Role, wanted: &PluginId) -> Result<Resolved, PluginError> {
         let entries = self.entries.read().expect("registry lock");
         let entry = entries
             .get(&wanted.name)

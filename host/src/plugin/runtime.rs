@@ -39,6 +39,7 @@ const LISTED_NAMES: usize = 8;
 fn config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    config.parallel_compilation(false);
     config
 }
 

@@ -16,9 +16,9 @@ use super::limits::{self, Change, EVENTS_MS};
 use crate::broker::{ProbeError, QueueSample};
 use crate::crd::{Autoscaling, MetricName, PoolScaling, ScaleEvent, TimedReplicas};
 use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
-use crate::plugin::{FailurePolicy, PluginRef, Resolved, Role, settings_text};
+use crate::plugin::policy::{self, Called};
+use crate::plugin::{Plugins, Resolved, Role, settings_text};
 use crate::quantity;
-use crate::shape::Plugins;
 
 /// Samples kept per pool.
 pub const SAMPLE_WINDOW: usize = 30;
@@ -270,37 +270,16 @@ impl PoolScaler {
                     .and_then(|s| s.settings.as_ref()),
             ),
         };
-        let wanted = match &autoscaling.scaler {
-            Some(s) => PluginRef::from(s),
-            None => PluginRef::named(&plugins.config.default_scaler),
-        };
-        let decide = |r: &Resolved| {
-            plugins
-                .registry
-                .runtime()
-                .decide(&r.plugin, &input)
-                .map(|d| (r.clone(), d))
-        };
-        let result = plugins
-            .registry
-            .resolve(Role::Scaler, &wanted)
-            .and_then(|r| decide(&r));
-        // The failure policy `builtin` retries with the built-in queue-length plugin; the
-        // error reported is the wanted plugin's.
-        let fallback = |e| match plugins.config.scaler_failure {
-            FailurePolicy::Builtin => match plugins.registry.builtin("queue-length") {
-                Some(b) => decide(&b).map_err(|_| e),
-                None => Err(e),
-            },
-            _ => Err(e),
-        };
-        let (resolved, decision) = match result.or_else(fallback) {
-            Ok(ok) => ok,
-            Err(e) => {
+        let wanted = plugins.scaler_of(autoscaling);
+        let run = |r: &Resolved| plugins.registry.runtime().decide(&r.plugin, &input);
+        // Keeping what runs, for a scaler, is holding the replicas.
+        let (resolved, decision) = match policy::call(plugins, Role::Scaler, &wanted, None, run) {
+            Called::Answered { by, value } | Called::Replaced { by, value, .. } => (by, value),
+            Called::KeepWhatRuns { error } | Called::Failed { error } => {
                 return hold(
                     HoldCause::ScalerFailed,
                     format!(
-                        "scaler {} failed ({e}); holding {current} replicas",
+                        "scaler {} failed ({error}); holding {current} replicas",
                         wanted.name
                     ),
                 );
@@ -351,7 +330,7 @@ mod tests {
     use super::*;
     use crate::plugin::registry::Source;
     use crate::plugin::{Compiler, Limits, Registry, Runtime};
-    use crate::shape::PluginConfig;
+    use crate::plugin::{FailurePolicy, PluginConfig};
     use std::sync::Arc;
     use std::time::Duration;
 

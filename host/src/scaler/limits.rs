@@ -78,51 +78,41 @@ fn period_start(current: u32, changes: &[Change], now_ms: u64, period: i32) -> i
         + changed_in_period(changes, now_ms, period, false)
 }
 
-/// The most replicas the rules allow now (`calculateScaleUpLimitWithScalingRules`).
-fn scale_up_limit(
+/// The most (`up`) or fewest (`!up`) replicas the rules allow now
+/// (`calculateScaleUpLimitWithScalingRules`, `calculateScaleDownLimitWithBehaviors`).
+fn rate_limit(
     current: u32,
     changes: &[Change],
     now_ms: u64,
     rules: &(SelectPolicy, Vec<ScalingPolicy>),
+    up: bool,
 ) -> i64 {
     let (select, policies) = rules;
     let proposals = policies.iter().map(|p| {
         let start = period_start(current, changes, now_ms, p.period_seconds);
-        match p.type_ {
-            PolicyType::Pods => start + i64::from(p.value),
+        let value = i64::from(p.value);
+        match (p.type_, up) {
+            (PolicyType::Pods, true) => start + value,
+            (PolicyType::Pods, false) => start - value,
             // Rounded up, or a small pool could never grow.
-            PolicyType::Percent => {
-                (start as f64 * (1.0 + f64::from(p.value) / 100.0)).ceil() as i64
+            (PolicyType::Percent, true) => {
+                (start as f64 * (1.0 + value as f64 / 100.0)).ceil() as i64
             }
-        }
-    });
-    match select {
-        SelectPolicy::Disabled => i64::from(current),
-        SelectPolicy::Min => proposals.min().unwrap_or(i64::MAX),
-        SelectPolicy::Max => proposals.max().unwrap_or(i64::MIN),
-    }
-}
-
-/// The fewest replicas the rules allow now (`calculateScaleDownLimitWithBehaviors`).
-fn scale_down_limit(
-    current: u32,
-    changes: &[Change],
-    now_ms: u64,
-    rules: &(SelectPolicy, Vec<ScalingPolicy>),
-) -> i64 {
-    let (select, policies) = rules;
-    let proposals = policies.iter().map(|p| {
-        let start = period_start(current, changes, now_ms, p.period_seconds);
-        match p.type_ {
-            PolicyType::Pods => start - i64::from(p.value),
             // Truncated, as Go's int32 conversion does.
-            PolicyType::Percent => (start as f64 * (1.0 - f64::from(p.value) / 100.0)) as i64,
+            (PolicyType::Percent, false) => (start as f64 * (1.0 - value as f64 / 100.0)) as i64,
         }
     });
+    // `Max` picks the policy allowing the largest change: the highest limit up, the lowest
+    // down; `Min` the other way round.
+    let (largest, smallest) = if up {
+        (proposals.clone().max(), proposals.min())
+    } else {
+        (proposals.clone().min(), proposals.max())
+    };
     match select {
         SelectPolicy::Disabled => i64::from(current),
-        SelectPolicy::Min => proposals.max().unwrap_or(i64::MIN),
-        SelectPolicy::Max => proposals.min().unwrap_or(i64::MAX),
+        SelectPolicy::Max => largest.unwrap_or(i64::from(current)),
+        SelectPolicy::Min => smallest.unwrap_or(i64::from(current)),
     }
 }
 
@@ -140,7 +130,7 @@ pub fn limit(
     let clamp = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
     if desired > current {
         let rules = rules(behavior.scale_up.as_ref(), default_up);
-        let up = scale_up_limit(current, changes, now_ms, &rules).max(i64::from(current));
+        let up = rate_limit(current, changes, now_ms, &rules, true).max(i64::from(current));
         let allowed = clamp(up).min(max);
         if desired > allowed {
             let why =
@@ -149,7 +139,7 @@ pub fn limit(
         }
     } else if desired < current {
         let rules = rules(behavior.scale_down.as_ref(), default_down);
-        let down = scale_down_limit(current, changes, now_ms, &rules).min(i64::from(current));
+        let down = rate_limit(current, changes, now_ms, &rules, false).min(i64::from(current));
         let allowed = clamp(down).max(min);
         if desired < allowed {
             let why = format!(

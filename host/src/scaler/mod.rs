@@ -1,8 +1,9 @@
-//! The operator's own queue-length scaler: one loop per pool the operator scales itself
-//! (autoscaler `operator`), started and stopped by reconciliation, sharing one probe per
-//! broker. Each tick reads the replicas through the Deployment's `scale` subresource, samples
-//! the broker, lets [`decide`] choose, applies the result through `scale`, and reports it
-//! (Events, metrics, the pool's entry in `status.scaling`).
+//! The operator's own scaler: one loop per pool the operator scales itself (autoscaler
+//! `operator`; see [`crate::plugin::choice`] for autoscaler vs scaler plugins), started and
+//! stopped by reconciliation, sharing one probe per broker. Each tick reads the replicas
+//! from the Deployment watch cache, samples the broker, lets [`decide`] (and the pool's
+//! scaler plugin) choose, applies the result through the Deployment's `scale` subresource,
+//! and reports it (Events, metrics, the pool's entry in `status.scaling`).
 
 mod decide;
 pub mod limits;
@@ -10,57 +11,79 @@ pub mod report;
 
 pub use decide::{HoldCause, PoolScaler, Verdict};
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use tokio::task::AbortHandle;
+use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::broker::{Probe, ProbeError, QueueSample};
-use crate::build::worker_name;
+use crate::broker::{Probe, ProbeError};
+use crate::cache::Caches;
+use crate::children::ChildKind;
 use crate::crd::{BrokerSpec, Celery, PoolScaling, WorkerPool};
-use crate::metrics::ScalerLabels;
-use crate::reconcile::{Context, publish};
-use crate::shape::{OPERATOR_AUTOSCALER, autoscaler_of};
+use crate::events::Publisher;
+use crate::metrics::{Metrics, ScalerLabels};
+use crate::names::worker_name;
+use crate::plugin::Plugins;
+use crate::state::ScalerLoop;
 
-/// The scaler loops of every pool the operator scales itself, and one probe per broker.
-#[derive(Default)]
+/// What the scaler loops need, and one probe per broker shared by its pools' loops.
 pub struct Scalers {
-    /// Running loops by resource uid and pool, with the spec they run with.
-    loops: std::sync::Mutex<HashMap<(String, String), (String, AbortHandle)>>,
-    /// Probes by broker URL and settings, shared by every pool of that broker.
-    probes: std::sync::Mutex<HashMap<String, Probe>>,
+    client: Client,
+    events: Publisher,
+    metrics: Arc<Metrics>,
+    plugins: Arc<Plugins>,
+    caches: Caches,
+    /// How often loops sample the broker, unless a pool says otherwise.
+    poll_interval: Duration,
+    /// Probes by broker URL and settings; a probe lives while a loop uses it.
+    probes: Mutex<HashMap<String, Weak<Probe>>>,
 }
 
 impl Scalers {
+    /// The scalers of an operator.
+    pub fn new(
+        client: Client,
+        events: Publisher,
+        metrics: Arc<Metrics>,
+        plugins: Arc<Plugins>,
+        caches: Caches,
+        poll_interval: Duration,
+    ) -> Self {
+        Scalers {
+            client,
+            events,
+            metrics,
+            plugins,
+            caches,
+            poll_interval,
+            probes: Mutex::default(),
+        }
+    }
+
     /// Starts the loops `celery` needs, restarts those whose pool or broker changed and
-    /// stops those no longer wanted. Never blocks: each loop is its own task.
-    pub fn sync(self: &Arc<Self>, ctx: &Arc<Context>, celery: &Celery) {
-        let uid = celery.uid().unwrap_or_default();
+    /// stops those no longer wanted (`loops` are the resource's running ones). Never
+    /// blocks: each loop is its own task.
+    pub fn sync(self: &Arc<Self>, celery: &Celery, loops: &mut BTreeMap<String, ScalerLoop>) {
         let wanted: Vec<&WorkerPool> = celery
             .spec
             .workers
             .iter()
-            .filter(|p| {
-                autoscaler_of(&ctx.plugins.config, p).is_some_and(|a| a.name == OPERATOR_AUTOSCALER)
-            })
+            .filter(|p| self.plugins.operator_scales(p))
             .collect();
-        let mut loops = self.loops.lock().expect("loops lock");
-        loops.retain(|(u, pool), (_, handle)| {
-            let keep = *u != uid || wanted.iter().any(|p| &p.name == pool);
+        loops.retain(|pool, _| {
+            let keep = wanted.iter().any(|p| &p.name == pool);
             if !keep {
-                handle.abort();
                 // The pool is no longer the operator's to scale: its status entry goes too.
                 let (api, name, pool) = (
                     Api::<Celery>::namespaced(
-                        ctx.client.clone(),
+                        self.client.clone(),
                         &celery.namespace().unwrap_or_default(),
                     ),
                     celery.name_any(),
@@ -75,59 +98,83 @@ impl Scalers {
             keep
         });
         for pool in wanted {
-            let key = (uid.clone(), pool.name.clone());
             // Only what the loop uses: an image or resources change must not restart it
-            // (that would drop its sample window and stabilization history).
+            // (that would drop its sample window).
             let fingerprint =
                 serde_json::to_string(&(&pool.queues, &pool.autoscaling, &celery.spec.broker))
                     .expect("serializes");
-            match loops.get(&key) {
-                Some((running, _)) if *running == fingerprint => continue,
-                Some((_, handle)) => handle.abort(),
-                None => {}
+            if loops
+                .get(&pool.name)
+                .is_some_and(|l| l.fingerprint == fingerprint)
+            {
+                continue;
             }
-            let task = tokio::spawn(pool_loop(
-                self.clone(),
-                ctx.clone(),
-                celery.clone(),
-                pool.clone(),
-            ));
-            loops.insert(key, (fingerprint, task.abort_handle()));
+            let task = tokio::spawn(pool_loop(self.clone(), celery.clone(), pool.clone()));
+            // Replacing a loop drops (and so stops) the old one.
+            loops.insert(
+                pool.name.clone(),
+                ScalerLoop {
+                    fingerprint,
+                    task: task.abort_handle(),
+                },
+            );
         }
     }
 
-    /// Drops the calling loop from the running ones (its resource is gone).
-    fn forget_current_task(&self) {
-        let me = tokio::task::id();
-        let mut loops = self.loops.lock().expect("loops lock");
-        loops.retain(|_, (_, handle)| handle.id() != me);
+    /// The replicas of the Deployment `name`, from the watch cache (a GET of its `scale`
+    /// when Deployments are not cached); `None` when there is no such Deployment.
+    async fn replicas(
+        &self,
+        api: &Api<Deployment>,
+        name: &str,
+    ) -> Result<Option<u32>, kube::Error> {
+        let ns = api.namespace().unwrap_or_default();
+        let replicas = |r: Option<i32>| r.unwrap_or(0).max(0) as u32;
+        if let Some(cached) = self.caches.get(ChildKind::Deployment, ns, name) {
+            return Ok(cached.map(|d| {
+                replicas(
+                    d.data["spec"]["replicas"]
+                        .as_i64()
+                        .and_then(|r| i32::try_from(r).ok()),
+                )
+            }));
+        }
+        match api.get_scale(name).await {
+            Ok(scale) => Ok(Some(replicas(scale.spec.and_then(|s| s.replicas)))),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
-    /// The pool's queues on the broker at `url`, through the probe shared by every pool of
-    /// that broker.
-    async fn sample(
-        &self,
-        url: &str,
-        broker: &BrokerSpec,
-        queues: &[String],
-    ) -> Result<Vec<QueueSample>, ProbeError> {
+    /// The probe of the broker at `url`, shared by every pool of that broker while any of
+    /// them uses it.
+    async fn probe(&self, url: &str, broker: &BrokerSpec) -> Result<Arc<Probe>, ProbeError> {
         let key = format!(
             "{url} {}",
             serde_json::to_string(&(&broker.type_, &broker.redis, &broker.rabbitmq))
                 .expect("serializes")
         );
-        let known = self.probes.lock().expect("probes lock").get(&key).cloned();
-        let probe = match known {
-            Some(p) => p,
-            // Connecting happens outside the lock: an unreachable broker must not hold up
-            // the pools of other brokers. Two pools racing here keep the first probe.
+        let known = self
+            .probes
+            .lock()
+            .expect("probes lock")
+            .get(&key)
+            .and_then(Weak::upgrade);
+        if let Some(p) = known {
+            return Ok(p);
+        }
+        // Connecting happens outside the lock: an unreachable broker must not hold up the
+        // pools of other brokers. Two pools racing here keep the first probe.
+        let p = Arc::new(Probe::for_broker(url, broker).await?);
+        let mut probes = self.probes.lock().expect("probes lock");
+        probes.retain(|_, p| p.strong_count() > 0);
+        match probes.get(&key).and_then(Weak::upgrade) {
+            Some(first) => Ok(first),
             None => {
-                let p = Probe::for_broker(url, broker).await?;
-                let mut probes = self.probes.lock().expect("probes lock");
-                probes.entry(key).or_insert(p).clone()
+                probes.insert(key, Arc::downgrade(&p));
+                Ok(p)
             }
-        };
-        probe.sample(queues).await
+        }
     }
 }
 
@@ -154,7 +201,8 @@ async fn broker_url(secrets: &Api<Secret>, broker: &BrokerSpec) -> Result<String
 
 /// Samples, decides and scales one pool every poll interval, until the loop is stopped or
 /// the resource is gone. Replicas change only through the Deployment's scale subresource.
-async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, pool: WorkerPool) {
+async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
+    let ctx = &*scalers;
     let (ns, name) = (
         celery.namespace().unwrap_or_default(),
         worker_name(&celery, &pool.name),
@@ -181,21 +229,19 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
     // The last entry written to `status.scaling`, and when.
     let mut written: Option<(PoolScaling, Instant)> = None;
     let mut scaled_at: Option<Time> = None;
-    // Read from the Secret when the loop starts and again after a failed probe (a rotated
-    // password shows up as one), not on every tick.
-    let mut url: Option<String> = None;
+    let mut probe: Option<Arc<Probe>> = None;
     loop {
-        let current = match deployments.get_scale(&name).await {
-            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
-            Err(kube::Error::Api(s)) if s.is_not_found() => {
-                // Gone, or deleted and created again under the same name (a new uid gets
-                // its own loop).
+        let current = match scalers.replicas(&deployments, &name).await {
+            Ok(Some(replicas)) => replicas,
+            Ok(None) => {
+                // Not created yet, or the resource is gone (its state, and this loop with
+                // it, is dropped soon; a resource created again under the same name gets a
+                // new uid and its own loop).
                 let gone = celeries
                     .get_opt(&celery.name_any())
                     .await
                     .is_ok_and(|c| c.is_none_or(|c| c.uid() != celery.uid()));
                 if gone {
-                    scalers.forget_current_task();
                     return;
                 }
                 tokio::time::sleep(poll).await;
@@ -207,27 +253,30 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
                 continue;
             }
         };
-        let known = match url.take() {
-            Some(known) => Ok(known),
-            None => broker_url(&secrets, &celery.spec.broker).await,
+        // The probe is kept while it works; after a failure the Secret is read again (a
+        // rotated password shows up as one) and a new probe connects.
+        let connected = match probe.take() {
+            Some(p) => Ok(p),
+            None => match broker_url(&secrets, &celery.spec.broker).await {
+                Ok(url) => scalers.probe(&url, &celery.spec.broker).await,
+                Err(e) => Err(e),
+            },
         };
-        let probe = match known {
-            Ok(known) => {
-                let sample = scalers
-                    .sample(&known, &celery.spec.broker, &pool.queues)
-                    .await;
-                if sample.is_ok() {
-                    url = Some(known);
+        let sampled = match connected {
+            Ok(p) => {
+                let sampled = p.sample(&pool.queues).await;
+                if sampled.is_ok() {
+                    probe = Some(p);
                 }
-                sample
+                sampled
             }
             Err(e) => Err(e),
         };
-        match &probe {
+        match &sampled {
             Ok(_) => ctx.metrics.scaler_samples.inc(),
             Err(_) => ctx.metrics.scaler_probe_errors.inc(),
         };
-        let seen = probe.as_ref().ok().cloned();
+        let seen = sampled.as_ref().ok().cloned();
         let (plugins, spec, pool_name) =
             (ctx.plugins.clone(), autoscaling.clone(), pool.name.clone());
         let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
@@ -236,7 +285,7 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
             resumed = true;
         }
         let (returned, verdict) = tokio::task::spawn_blocking(move || {
-            let verdict = state.tick(&plugins, &pool_name, &spec, probe, current, now_ms);
+            let verdict = state.tick(&plugins, &pool_name, &spec, sampled, current, now_ms);
             (state, verdict)
         })
         .await
@@ -264,7 +313,10 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
                         state.record_scale(now_ms, *from, *to);
                         let note =
                             format!("Scaled pool {} from {from} to {to}: {reason}", pool.name);
-                        publish(&ctx, &celery, EventType::Normal, "Scaled", "Scale", note).await;
+                        let kind = EventType::Normal;
+                        ctx.events
+                            .celery(&celery, kind, "Scaled", "Scale", note)
+                            .await;
                     }
                     Err(e) => warn!(%ns, deployment = %name, error = %e, "scaling failed"),
                 }
@@ -274,7 +326,9 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
                     warn!(%ns, pool = %pool.name, %reason, "scaling held");
                     let note = format!("Pool {}: {reason}", pool.name);
                     let kind = EventType::Warning;
-                    publish(&ctx, &celery, kind, "ScalingHeld", "Scale", note).await;
+                    ctx.events
+                        .celery(&celery, kind, "ScalingHeld", "Scale", note)
+                        .await;
                     last_hold = Some(reason.clone());
                 }
             }
@@ -284,7 +338,9 @@ async fn pool_loop(scalers: Arc<Scalers>, ctx: Arc<Context>, celery: Celery, poo
             info!(%ns, pool = %pool.name, "scaling resumed");
             let note = format!("Pool {}: the scaler decides again", pool.name);
             let kind = EventType::Normal;
-            publish(&ctx, &celery, kind, "ScalingResumed", "Scale", note).await;
+            ctx.events
+                .celery(&celery, kind, "ScalingResumed", "Scale", note)
+                .await;
         }
 
         let previous = written.as_ref().map(|(entry, _)| entry);

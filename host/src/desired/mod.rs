@@ -1,5 +1,5 @@
-//! Building the desired child objects of a Celery resource: pure functions from the spec to
-//! Kubernetes objects, tested without a cluster.
+//! The desired child objects of a Celery resource (stage 2 of reconciliation): pure
+//! functions from the spec to Kubernetes objects, tested without a cluster.
 
 mod beat;
 mod flower;
@@ -15,40 +15,12 @@ use kube::{Resource, ResourceExt};
 
 use crate::children::Child;
 use crate::crd::{Celery, SecretKeyRef};
-
-/// Field manager of every server-side apply, and the `managed-by` label value.
-pub const MANAGER: &str = "celery-operator";
-
-/// Label keys the operator sets on every child.
-pub mod labels {
-    /// Always `celery`.
-    pub const NAME: &str = "app.kubernetes.io/name";
-    /// Name of the Celery resource.
-    pub const INSTANCE: &str = "app.kubernetes.io/instance";
-    /// `worker`, `flower` or `beat`.
-    pub const COMPONENT: &str = "app.kubernetes.io/component";
-    /// Always `celery-operator`; the watch and prune selectors use it.
-    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-    /// The Celery version from the spec, when given.
-    pub const VERSION: &str = "app.kubernetes.io/version";
-    /// Worker pool name (workers only).
-    pub const POOL: &str = "celeryproject.org/pool";
-}
+use crate::names::{MANAGER, beat_name, flower_name, labels, worker_name};
 
 /// Environment variable Celery reads its broker URL from.
 pub const BROKER_URL_ENV: &str = "CELERY_BROKER_URL";
 /// Environment variable Celery reads its result backend URL from.
 pub const RESULT_BACKEND_ENV: &str = "CELERY_RESULT_BACKEND";
-
-/// The label selector for every child of the Celery resource `name`.
-pub fn children_selector(name: &str) -> String {
-    format!(
-        "{}={},{}={MANAGER}",
-        labels::INSTANCE,
-        name,
-        labels::MANAGED_BY
-    )
-}
 
 /// Every object the Celery resource asks for, in apply order. Assumes a validated spec.
 pub fn desired_children(celery: &Celery) -> Vec<Child> {
@@ -63,21 +35,6 @@ pub fn desired_children(celery: &Celery) -> Vec<Child> {
         children.push(beat::deployment(celery, beat));
     }
     children
-}
-
-/// Name of the Deployment of worker pool `pool`.
-pub fn worker_name(celery: &Celery, pool: &str) -> String {
-    format!("{}-worker-{pool}", celery.name_any())
-}
-
-/// Name of Flower's Deployment, Service and Ingress.
-pub fn flower_name(celery: &Celery) -> String {
-    format!("{}-flower", celery.name_any())
-}
-
-/// Name of beat's Deployment.
-pub fn beat_name(celery: &Celery) -> String {
-    format!("{}-beat", celery.name_any())
 }
 
 /// Labels that select one component's pods. They end up in immutable Deployment selectors,

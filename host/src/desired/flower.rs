@@ -146,8 +146,8 @@ fn ingress(celery: &Celery, spec: &FlowerIngress) -> Ingress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::desired_children;
-    use crate::build::tests::{FULL, celery, find};
+    use crate::desired::desired_children;
+    use crate::desired::tests::{FULL, celery, find};
     use serde_json::json;
 
     #[test]

@@ -185,8 +185,8 @@ fn deployment(celery: &Celery, pool: &WorkerPool) -> Deployment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::desired_children;
-    use crate::build::tests::{FULL, celery, find};
+    use crate::desired::desired_children;
+    use crate::desired::tests::{FULL, celery, find};
     use serde_json::{Value, json};
 
     fn container(children: &[Child], name: &str) -> Value {

@@ -62,9 +62,9 @@ pub fn deployment(celery: &Celery, beat: &BeatSpec) -> Child {
 
 #[cfg(test)]
 mod tests {
-    use crate::build::desired_children;
-    use crate::build::tests::{FULL, celery, find};
     use crate::children::ChildKind;
+    use crate::desired::desired_children;
+    use crate::desired::tests::{FULL, celery, find};
     use serde_json::json;
 
     #[test]

@@ -1,0 +1,467 @@
+//! The `celery-operator` command line: its commands and flags, and what each command does
+//! (`run` hands a [`Config`] to [`crate::config::run`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::CustomResourceExt;
+use tracing_subscriber::EnvFilter;
+
+use crate::broker::Probe;
+use crate::broker::redis::Layout as RedisLayout;
+use crate::config::{self, Config};
+use crate::crd::Celery;
+use crate::plugin::cli as plugin_cli;
+use crate::plugin::{
+    Compiler, FailurePolicy, Limits, OPERATOR_AUTOSCALER, PluginConfig, PluginId, Plugins,
+    Registry, Runtime, Sandbox, compile, runtime,
+};
+use crate::render;
+
+/// Runs Celery on Kubernetes from `Celery` custom resources.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (in a cluster, or against the current kubeconfig).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinition of `Celery` as YAML.
+    Crd,
+    /// Print the RBAC rules the operator needs (JSON): in the watched namespaces, and in its
+    /// own namespace.
+    Rbac,
+    /// Print the objects the operator would apply for Celery resources in files, without
+    /// a cluster.
+    Render {
+        /// YAML files holding one or more Celery resources (`-` for standard input).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print, per queue, what the operator sees on a broker: messages ready (by priority
+    /// list) and reserved by workers.
+    Queues {
+        /// Broker URL (`redis://`, `rediss://`, `amqp://`, `amqps://`); read from
+        /// CELERY_BROKER_URL when not given, which keeps the password out of the shell
+        /// history.
+        #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
+        broker: String,
+        /// Queues to read (default: Celery's default queue, `celery`).
+        #[arg(long = "queue", short = 'q')]
+        queues: Vec<String>,
+        /// kombu's `global_keyprefix` transport option.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// kombu's priority separator (`sep`).
+        #[arg(long, default_value = "\x06\x16")]
+        separator: String,
+        /// kombu's `priority_steps`.
+        #[arg(long, value_delimiter = ',', default_value = "0,3,6,9")]
+        priority_steps: Vec<u32>,
+        /// RabbitMQ: base URL of the management API (default: the broker's host, port 15672,
+        /// or 15671 for amqps://).
+        #[arg(long)]
+        management_url: Option<String>,
+    },
+    /// Check, run and pack WebAssembly plugins offline.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Is the file a plugin this operator can run? Prints its worlds, WIT version, size and
+    /// digest.
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Calls the plugin once on an input file and prints its output (JSON) and how long the
+    /// call took.
+    Run {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The world to call: `shaper-plugin`, `autoscaler-plugin` or `scaler-plugin`.
+        #[arg(long)]
+        world: String,
+        /// The input, as JSON (see wit/README.md for each world's shape).
+        #[arg(long)]
+        input: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Prints a ConfigMap (YAML) that ships the plugin, ready for `kubectl apply -f -`.
+    Pack {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// Plugin name: what Celery resources and the operator's flags refer to.
+        #[arg(long)]
+        name: String,
+        /// Namespace of the ConfigMap: the operator's own.
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Compiles a component read from standard input and writes wasmtime's serialized form
+    /// to standard output: the bounded child process the operator and the CLI compile
+    /// untrusted plugins in. Not for people.
+    #[command(hide = true)]
+    CompileSandboxed,
+}
+
+/// Bounds of every plugin call.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Wall-clock deadline of one call, in milliseconds.
+    #[arg(long, env = "PLUGIN_TIMEOUT_MS", default_value_t = 100)]
+    plugin_timeout_ms: u64,
+    /// Memory a plugin may use, in MiB.
+    #[arg(long, env = "PLUGIN_MEMORY_MIB", default_value_t = 64)]
+    plugin_memory_mib: usize,
+    /// Output a call may return, in KiB.
+    #[arg(long, env = "PLUGIN_OUTPUT_KIB", default_value_t = 4096)]
+    plugin_output_kib: usize,
+    /// Wall-clock time compiling a plugin may take, in seconds (it runs in a child process,
+    /// killed at this deadline).
+    #[arg(long, env = "PLUGIN_COMPILE_TIMEOUT_SECONDS", default_value_t = Sandbox::DEFAULT_TIMEOUT.as_secs())]
+    plugin_compile_timeout_seconds: u64,
+    /// Memory compiling a plugin may use, in MiB.
+    #[arg(long, env = "PLUGIN_COMPILE_MEMORY_MIB", default_value_t = Sandbox::DEFAULT_MEMORY_BYTES >> 20)]
+    plugin_compile_memory_mib: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            deadline: Duration::from_millis(self.plugin_timeout_ms),
+            memory_bytes: self.plugin_memory_mib << 20,
+            output_bytes: self.plugin_output_kib << 10,
+        }
+    }
+
+    /// Untrusted plugins are compiled by a bounded child process of this binary.
+    fn compiler(&self) -> Compiler {
+        Compiler::Sandboxed(Sandbox::this_binary(
+            Duration::from_secs(self.plugin_compile_timeout_seconds.max(1)),
+            self.plugin_compile_memory_mib << 20,
+        ))
+    }
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `celery_operator=debug,kube=info` (RUST_LOG wins if set).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Name of this operator instance in Events (the chart sets the pod name).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+    /// Namespace whose plugin ConfigMaps (label `celeryproject.org/plugin`) are loaded:
+    /// the operator's own. Without it only the built-in plugins exist.
+    #[arg(long, env = "PLUGIN_NAMESPACE")]
+    plugin_namespace: Option<String>,
+    /// Shapers run on every Celery resource, in order, before the resource's own.
+    #[arg(long, env = "SHAPERS", value_delimiter = ',')]
+    shapers: Vec<String>,
+    /// Autoscaler of pools that scale on cpu or memory only.
+    #[arg(long, env = "DEFAULT_AUTOSCALER", default_value = "hpa")]
+    default_autoscaler: String,
+    /// Autoscaler of pools that scale on taskQueueLength: `operator` (the operator's own
+    /// queue-length scaler), `keda`, or a plugin.
+    #[arg(long, env = "DEFAULT_QUEUE_AUTOSCALER", default_value = OPERATOR_AUTOSCALER)]
+    default_queue_autoscaler: String,
+    /// Scaling-decision plugin of the operator's own scaler.
+    #[arg(long, env = "DEFAULT_SCALER", default_value = "queue-length")]
+    default_scaler: String,
+    /// What a failing shaper does.
+    #[arg(long, env = "SHAPER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Fail)]
+    shaper_failure_policy: FailurePolicy,
+    /// What a failing autoscaler plugin does.
+    #[arg(long, env = "AUTOSCALER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::KeepLastGood)]
+    autoscaler_failure_policy: FailurePolicy,
+    /// What a failing scaling-decision plugin does.
+    #[arg(long, env = "SCALER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::KeepLastGood)]
+    scaler_failure_policy: FailurePolicy,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// How often the operator's own scaler samples a pool's broker, unless the pool sets
+    /// `autoscaling.pollIntervalSeconds`.
+    #[arg(long, env = "POLL_INTERVAL_SECONDS", default_value_t = 5)]
+    poll_interval_seconds: u64,
+    /// How often every resource is checked for drift without any event, in seconds.
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = crate::reconcile::DEFAULT_RESYNC.as_secs())]
+    resync_seconds: u64,
+    /// Reconcile only while holding a Lease, so several replicas can run (one acts).
+    #[arg(long, env = "LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (default: the plugin namespace).
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses the command line and runs the command; the process's exit code.
+pub fn main() -> ExitCode {
+    limit_malloc_arenas();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => print_crd(),
+        Command::Rbac => {
+            let rules = serde_json::json!({
+                "watchedNamespaces": crate::rbac::watched_namespaces(),
+                "operatorNamespace": crate::rbac::operator_namespace(),
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&rules).expect("serializes")
+            );
+            Ok(())
+        }
+        Command::Render { files } => render_files(&files),
+        Command::Run(args) => run(args),
+        Command::Plugin(command) => plugin(command),
+        Command::Queues {
+            broker,
+            queues,
+            prefix,
+            separator,
+            priority_steps,
+            management_url,
+        } => {
+            let layout = RedisLayout {
+                prefix,
+                separator: separator.replace("\\x06", "\x06").replace("\\x16", "\x16"),
+                priority_steps,
+            };
+            print_queues(&broker, queues, layout, management_url.as_deref())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_crd() -> anyhow::Result<()> {
+    print!("{}", serde_saphyr::to_string(&Celery::crd())?);
+    Ok(())
+}
+
+fn render_files(files: &[PathBuf]) -> anyhow::Result<()> {
+    // Offline, a slow machine must not fail a render: a generous deadline.
+    let limits = Limits {
+        deadline: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    // Only the built-ins exist here: compiled in process.
+    let registry = Registry::with_builtins(Arc::new(Runtime::new(limits, Compiler::InProcess)))?;
+    let plugins = Plugins::new(Arc::new(registry), PluginConfig::default());
+    let mut docs = Vec::new();
+    for file in files {
+        let yaml = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        docs.push(
+            render::render(&yaml, &plugins)
+                .with_context(|| format!("rendering {}", file.display()))?,
+        );
+    }
+    print!("{}", docs.join("---\n"));
+    Ok(())
+}
+
+fn print_queues(
+    broker: &str,
+    queues: Vec<String>,
+    layout: RedisLayout,
+    management_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let queues = if queues.is_empty() {
+        vec!["celery".to_string()]
+    } else {
+        queues
+    };
+    let samples = tokio::runtime::Runtime::new()?.block_on(async {
+        Probe::connect(broker, None, layout, management_url)
+            .await?
+            .sample(&queues)
+            .await
+    })?;
+    println!(
+        "{:<24} {:>10} {:>10}  BY PRIORITY",
+        "QUEUE", "READY", "RESERVED"
+    );
+    for s in samples {
+        let by: Vec<String> = s
+            .by_priority
+            .iter()
+            .map(|(p, n)| format!("{p}:{n}"))
+            .collect();
+        println!(
+            "{:<24} {:>10} {:>10}  {}",
+            s.name,
+            s.ready,
+            s.reserved,
+            by.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+}
+
+fn plugin(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Check { file, limits } => {
+            let report = plugin_cli::check(&read(&file)?, limits.compiler())
+                .with_context(|| format!("{} is not a usable plugin", file.display()))?;
+            println!("file:            {}\n{report}", file.display());
+        }
+        PluginCommand::Run {
+            file,
+            world,
+            input,
+            limits,
+        } => {
+            let role = plugin_cli::role_of_world(&world).with_context(|| {
+                format!(
+                    "unknown world {world:?}: use shaper-plugin, autoscaler-plugin or scaler-plugin"
+                )
+            })?;
+            let input = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let (output, took) = plugin_cli::run(
+                &read(&file)?,
+                role,
+                &input,
+                limits.limits(),
+                limits.compiler(),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&output)?);
+            eprintln!("call took {:.1} µs", took.as_secs_f64() * 1e6);
+        }
+        PluginCommand::Pack {
+            file,
+            name,
+            namespace,
+            limits,
+        } => {
+            let yaml = plugin_cli::pack(
+                &read(&file)?,
+                &name,
+                namespace.as_deref(),
+                limits.compiler(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            print!("{yaml}");
+        }
+        PluginCommand::CompileSandboxed => {
+            compile::serve(runtime::engine()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    Ok(())
+}
+
+impl RunArgs {
+    /// The operator's configuration from the flags.
+    fn config(self) -> anyhow::Result<Config> {
+        let leader_election_namespace = match self.leader_elect {
+            false => None,
+            true => Some(
+                self.leader_election_namespace
+                    .or_else(|| self.plugin_namespace.clone())
+                    .context(
+                        "--leader-elect needs --leader-election-namespace or --plugin-namespace",
+                    )?,
+            ),
+        };
+        Ok(Config {
+            namespace: self.namespace,
+            http_addr: self.http_addr,
+            instance: self.instance,
+            plugin_namespace: self.plugin_namespace,
+            plugins: PluginConfig {
+                cluster_shapers: self
+                    .shapers
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(PluginId::named)
+                    .collect(),
+                default_autoscaler: self.default_autoscaler,
+                default_queue_autoscaler: self.default_queue_autoscaler,
+                default_scaler: self.default_scaler,
+                shaper_failure: self.shaper_failure_policy,
+                autoscaler_failure: self.autoscaler_failure_policy,
+                scaler_failure: self.scaler_failure_policy,
+            },
+            limits: self.limits.limits(),
+            compiler: self.limits.compiler(),
+            poll_interval: Duration::from_secs(self.poll_interval_seconds.max(1)),
+            leader_election_namespace,
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+        })
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter =
+        EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&args.log_level))?;
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let config = args.config()?;
+    tokio::runtime::Builder::new_multi_thread()
+        // Blocking threads run plugin calls (each bounded by its deadline) and plugin
+        // loading; a few are enough, and each thread costs memory.
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()?
+        .block_on(config::run(config))
+}
+
+/// glibc gives every thread that allocates its own arena (up to 8 per core), and freed
+/// memory in one is not reused by another: the operator's RSS would grow with the number of
+/// threads that ever ran a reconcile or a plugin call. Two arenas keep it flat.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator settings; called first thing in `main`, before
+    // any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
