@@ -466,6 +466,72 @@ async fn faults_are_injected_and_a_stopped_server_comes_back() {
 }
 
 #[tokio::test]
+async fn requests_name_their_user_and_writes_to_chosen_paths_are_forbidden() {
+    let server = ApiServer::start().await;
+    let dir = std::env::temp_dir().join(format!(
+        "apiserver-test-token-{}",
+        server.url().rsplit(':').next().unwrap()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig_with_token(&path, "alice");
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let alice: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+    let anonymous: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
+
+    // An apply that creates answers 201, one that changes 200.
+    let apply = |data: &str| {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": data}});
+        let alice = alice.clone();
+        async move {
+            alice
+                .patch("a", &PatchParams::apply("alice"), &Patch::Apply(cm))
+                .await
+        }
+    };
+    let mark = server.request_count();
+    apply("1").await.unwrap();
+    apply("2").await.unwrap();
+    anonymous.get("a").await.unwrap();
+    let sent: Vec<_> = server
+        .requests_since(mark)
+        .into_iter()
+        .map(|r| (r.method, r.status, r.user))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("PATCH".to_string(), 201, Some("alice".to_string())),
+            ("PATCH".into(), 200, Some("alice".into())),
+            ("GET".into(), 200, None),
+        ]
+    );
+
+    // Writes to the chosen paths are refused, every time; reads and other writes are not.
+    server.set_faults(Faults {
+        forbidden_writes: vec!["/configmaps/a".into()],
+        ..Default::default()
+    });
+    for _ in 0..3 {
+        let err = apply("3").await.unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 403 && s.reason == "Forbidden"),
+            "{err:?}"
+        );
+    }
+    assert_eq!(alice.get("a").await.unwrap().data.unwrap()["k"], "2");
+    alice
+        .create(&PostParams::default(), &cm("b", "1"))
+        .await
+        .unwrap();
+    server.set_faults(Faults::default());
+    apply("3").await.unwrap();
+}
+
+#[tokio::test]
 async fn a_selector_watch_sees_objects_enter_and_leave_it() {
     let server = ApiServer::start().await;
     let api: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
