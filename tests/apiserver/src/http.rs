@@ -131,7 +131,10 @@ async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Response<
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         r
     } else if parts.method != Method::GET
-        && faults.forbidden_writes.iter().any(|p| path.contains(p.as_str()))
+        && faults
+            .forbidden_writes
+            .iter()
+            .any(|p| path.contains(p.as_str()))
     {
         error(&ApiError::new(
             403,

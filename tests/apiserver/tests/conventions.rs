@@ -532,6 +532,43 @@ async fn requests_name_their_user_and_writes_to_chosen_paths_are_forbidden() {
 }
 
 #[tokio::test]
+async fn a_deployment_without_replicas_gets_one_that_no_manager_owns() {
+    let server = ApiServer::start().await;
+    let api: Api<Deployment> = Api::namespaced(client(&server).await, "default");
+    let apply = |label: &str| {
+        let mut d = serde_json::to_value(deployment("d")).unwrap();
+        d["apiVersion"] = json!("apps/v1");
+        d["kind"] = json!("Deployment");
+        d["metadata"]["labels"] = json!({"l": label});
+        d["spec"].as_object_mut().unwrap().remove("replicas");
+        let api = api.clone();
+        async move {
+            api.patch("d", &PatchParams::apply("app").force(), &Patch::Apply(d))
+                .await
+                .unwrap()
+        }
+    };
+    let created = apply("1").await;
+    assert_eq!(created.spec.as_ref().unwrap().replicas, Some(1));
+    let owned = serde_json::to_value(&created.metadata.managed_fields.unwrap()[0]).unwrap();
+    assert_eq!(owned["manager"], "app");
+    assert!(
+        owned["fieldsV1"]["f:spec"].get("f:replicas").is_none(),
+        "{owned}"
+    );
+    // An autoscaler sets the replicas; the next apply leaves them alone.
+    api.patch_scale(
+        "d",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    let applied = apply("2").await;
+    assert_eq!(applied.spec.unwrap().replicas, Some(3));
+}
+
+#[tokio::test]
 async fn a_selector_watch_sees_objects_enter_and_leave_it() {
     let server = ApiServer::start().await;
     let api: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
