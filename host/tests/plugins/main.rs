@@ -2,6 +2,7 @@
 //! plugins (built from `plugins/testing/`, and written from scratch in
 //! `support/hostile.rs`), the failure policies, and ConfigMap swaps.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
@@ -20,12 +21,7 @@ use celery_operator::shape::{self, PluginConfig, Plugins, ShapeError};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::{Value, json};
-use support::hostile;
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
+use support::{fixture, hostile};
 
 /// Untrusted components are compiled as in the operator: by a bounded child process of the
 /// operator binary (an unoptimised build here, so with room to spare).
@@ -1279,7 +1275,15 @@ fn the_scaler_chooses_what_the_hpa_chooses() {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+    // Failures are kept next to this file, in `main.proptest-regressions` (proptest's default
+    // would put them in `../proptest-regressions/main.txt`, as this file is a `main.rs`).
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 200,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..Default::default()
+    })]
 
     /// On random states, the operator's scaler with `behavior: {}` agrees with the HPA.
     #[test]
