@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Sets up and runs the whole test suite: formatting, lints, every Rust test (unit, mocked
-# API, CRD drift, the plugin runtime with real and hostile components, the plugins' own
-# tests, the operator binary against the in-memory API server and against a real
-# Kubernetes control plane), schema validation of the CRD, the rendered examples and a packed
+# Sets up and runs the whole test suite: formatting, lints, every Rust test (unit, CLI and
+# CRD drift, the plugin runtime with real and hostile components, real brokers and workers,
+# the plugins' own tests, the operator binary against the in-memory API server and against a
+# real Kubernetes control plane), schema validation of the CRD, the rendered examples and a packed
 # plugin, and the Helm chart (lint, render, validate, values schema, RBAC derived from the
 # code).
 set -euo pipefail

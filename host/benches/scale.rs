@@ -17,6 +17,11 @@ use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use serde_json::json;
 use support::cluster::{Cluster, Operator};
 
+/// The operator counts as settled once it sent nothing and finished no reconcile for this long.
+const QUIET: Duration = Duration::from_secs(10);
+/// The longest a phase may take to settle.
+const LIMIT: Duration = Duration::from_secs(1800);
+
 fn main() {
     let n: usize = std::env::var("SCALE_RESOURCES")
         .ok()
@@ -52,24 +57,6 @@ async fn ready(cluster: &Cluster) -> usize {
             })
         })
         .count()
-}
-
-/// Waits until the operator sent nothing for `quiet` (its requests counted in the audit
-/// log, watches aside); returns when that quiet period began.
-async fn settle(cluster: &Cluster, quiet: Duration) -> Instant {
-    let mut mark = cluster.mark();
-    let mut since = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Lines written while reading are read again next time: no activity is missed.
-        let next = cluster.mark();
-        if cluster.sent_since(mark).iter().any(|s| !s.watch) {
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return since;
-        }
-        mark = next;
-    }
 }
 
 fn report(phase: &str, took: Duration, cluster: &Cluster, mark: u64, op: &Operator) {
@@ -145,7 +132,7 @@ async fn run(n: usize) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let all_ready = start.elapsed();
-    let settled = settle(&cluster, Duration::from_secs(10)).await;
+    let settled = cluster.settle_within(&op, QUIET, LIMIT).await;
     report(
         &format!("create -> all Ready in {all_ready:.1?}, settled after"),
         settled - start,
@@ -164,7 +151,7 @@ async fn run(n: usize) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let resumed = start.elapsed();
-    let settled = settle(&cluster, Duration::from_secs(10)).await;
+    let settled = cluster.settle_within(&op, QUIET, LIMIT).await;
     report(
         &format!("restart -> all {n} reconciled in {resumed:.1?}, settled after"),
         settled - start,

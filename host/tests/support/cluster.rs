@@ -1,15 +1,19 @@
 //! The clusters the operator's integration tests run against, behind one interface:
 //!
 //! - [`Cluster::in_memory`]: the in-repo test API server (`tests/apiserver`): fast, with
-//!   fault injection, no authentication;
+//!   fault injection, no authentication (the operator's requests are told from the test's
+//!   own by the token in its kubeconfig);
 //! - [`Cluster::real`]: the real control plane of the test tier (`tests/control-plane`: etcd,
 //!   kube-apiserver with RBAC and an audit log, kube-controller-manager), one per test
 //!   process, each test in namespaces of its own. The operator authenticates as the Helm
 //!   chart's ServiceAccount, bound to the roles the chart renders, so every permission it
 //!   uses is granted by the real authorizer; what it sent is read from the audit log.
 //!
-//! The test plays the kubelet on both: [`Cluster::make_ready`].
+//! The test plays the kubelet on both: [`Cluster::make_ready`]. What the operator sent is
+//! observed on both ([`Cluster::sent_since`]), once it settled ([`Cluster::settle`]), and
+//! checked against the chart's RBAC rules ([`Cluster::assert_rbac`]).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -59,6 +63,11 @@ impl Operator {
     /// Reconciles that succeeded so far.
     pub fn reconciled(&self) -> f64 {
         self.metric("celery_operator_reconciles_total{result=\"success\"}")
+    }
+
+    /// Reconciles finished so far, whatever their result.
+    pub fn reconciles(&self) -> f64 {
+        self.metric("celery_operator_reconciles_total{")
     }
 
     /// Sends SIGTERM, as Kubernetes does to a pod being deleted, and waits for the exit
@@ -113,14 +122,156 @@ impl Drop for Operator {
 /// One request the operator sent, as the cluster recorded it.
 #[derive(Clone, Debug)]
 pub struct Sent {
-    /// `verb path -> status`.
+    /// `verb path?query -> status`.
     pub line: String,
+    /// The Kubernetes verb, as the authorizer sees it (`get`, `list`, `watch`, `create`,
+    /// `update`, `patch`, `delete`).
+    pub verb: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The query string.
+    pub query: String,
+    /// The HTTP status of the answer.
+    pub code: u16,
     /// It changes state.
     pub write: bool,
     /// A watch.
     pub watch: bool,
     /// The authorizer refused it (403).
     pub forbidden: bool,
+}
+
+/// The object or collection a request is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// API group (`""`: the core group).
+    pub group: String,
+    pub namespace: Option<String>,
+    /// Plural resource name (`deployments`).
+    pub resource: String,
+    pub name: Option<String>,
+    /// Subresource (`status`, `scale`).
+    pub sub: Option<String>,
+}
+
+impl Sent {
+    fn new(verb: &str, uri: &str, code: u16, watch: bool) -> Sent {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let verb = verb.to_ascii_lowercase();
+        Sent {
+            line: format!("{verb} {uri} -> {code}"),
+            write: matches!(
+                verb.as_str(),
+                "create" | "update" | "patch" | "delete" | "deletecollection"
+            ),
+            verb,
+            path: path.into(),
+            query: query.into(),
+            code,
+            watch,
+            forbidden: code == 403,
+        }
+    }
+
+    /// A request of the in-memory server, with the verb the authorizer would see.
+    fn in_memory(r: &test_apiserver::Request) -> Sent {
+        let named = Sent::new("get", &r.path, 0, false)
+            .target()
+            .is_some_and(|t| t.name.is_some());
+        let verb = match (r.method.as_str(), r.watch, named) {
+            ("GET", true, _) => "watch",
+            ("GET", false, true) => "get",
+            ("GET", false, false) => "list",
+            ("POST", ..) => "create",
+            ("PUT", ..) => "update",
+            ("DELETE", _, false) => "deletecollection",
+            (method, ..) => method,
+        };
+        let uri = match r.query.as_str() {
+            "" => r.path.clone(),
+            query => format!("{}?{query}", r.path),
+        };
+        Sent::new(verb, &uri, r.status, r.watch)
+    }
+
+    /// What the request is about; None for discovery and other paths outside the resource
+    /// API.
+    pub fn target(&self) -> Option<Target> {
+        let segs: Vec<&str> = self.path.trim_matches('/').split('/').collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", _version, rest @ ..] => ("", rest),
+            ["apis", group, _version, rest @ ..] => (*group, rest),
+            _ => return None,
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+            rest => (None, rest),
+        };
+        let (resource, rest) = rest.split_first()?;
+        Some(Target {
+            group: group.into(),
+            namespace,
+            resource: resource.to_string(),
+            name: rest.first().map(|s| s.to_string()),
+            sub: rest.get(1).map(|s| s.to_string()),
+        })
+    }
+
+    /// `verb resource[/name[/subresource]]`, the same on every tier and at whichever version
+    /// the cluster serves: `patch deployments/shop-beat`, `create events`,
+    /// `patch celeries/shop/status`.
+    pub fn summary(&self) -> String {
+        let Some(t) = self.target() else {
+            return format!("{} {}", self.verb, self.path);
+        };
+        let mut s = format!("{} {}", self.verb, t.resource);
+        for part in [t.name, t.sub].into_iter().flatten() {
+            s.push('/');
+            s.push_str(&part);
+        }
+        s
+    }
+
+    /// The verbs the authorizer checks: a server-side apply that creates its object (201) is
+    /// authorized as `create` as well as `patch`.
+    pub fn verbs(&self) -> Vec<&str> {
+        let mut verbs = vec![self.verb.as_str()];
+        if self.verb == "patch" && self.code == 201 {
+            verbs.push("create");
+        }
+        verbs
+    }
+}
+
+/// How long the operator must have been quiet to count as settled.
+pub const QUIET: Duration = Duration::from_secs(3);
+
+/// How long a scenario waits for something before failing.
+pub const LONG: Duration = Duration::from_secs(90);
+
+/// Polls `check` every 100 ms until it returns Some, or fails after `limit` with the
+/// operator's log.
+pub async fn wait<T, Fut>(
+    limit: Duration,
+    what: &str,
+    op: &Operator,
+    check: impl FnMut() -> Fut,
+) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    super::eventually(
+        limit,
+        what,
+        || format!("; operator log:\n{}", op.log()),
+        check,
+    )
+    .await
+}
+
+/// A child write, as opposed to the resource's status and its Events.
+pub fn is_child_write(summary: &str) -> bool {
+    !summary.starts_with("patch celeries/") && summary != "create events"
 }
 
 enum Tier {
@@ -162,8 +313,15 @@ pub struct Cluster {
     pub dir: tempdir::Dir,
     /// The operator watches every namespace (else only `ns`).
     watch_all: bool,
+    /// The chart release whose RBAC the operator runs under: (release, `helm template`
+    /// arguments); None on a cluster of the user's.
+    chart: Option<(String, Vec<String>)>,
     tier: Tier,
 }
+
+/// The bearer token of the operator on the in-memory server (which authenticates nobody, but
+/// tells clients apart by it).
+const OPERATOR_TOKEN: &str = "operator";
 
 /// Tests of one process get namespaces of their own on the shared control plane.
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -174,11 +332,7 @@ impl Cluster {
         let server = ApiServer::start().await;
         let dir = tempdir::Dir::new("operator");
         server.write_kubeconfig(&dir.path().join("admin.kubeconfig"));
-        std::fs::copy(
-            dir.path().join("admin.kubeconfig"),
-            dir.path().join("operator.kubeconfig"),
-        )
-        .unwrap();
+        server.write_kubeconfig_with_token(&dir.path().join("operator.kubeconfig"), OPERATOR_TOKEN);
         let client = client_for(&dir.path().join("admin.kubeconfig")).await;
         let cluster = Cluster {
             client,
@@ -186,6 +340,12 @@ impl Cluster {
             operator_ns: "celery-operator".into(),
             dir,
             watch_all: true,
+            // The operator watches every namespace, as with the chart's default values; its
+            // replicas may elect a leader.
+            chart: Some((
+                "celery-operator".into(),
+                vec!["--set=leaderElection.enabled=true".into()],
+            )),
             tier: Tier::InMemory(server),
         };
         cluster.install(|crd| crd).await;
@@ -240,6 +400,7 @@ impl Cluster {
             operator_ns,
             dir,
             watch_all,
+            chart: Some((release.into(), values.to_vec())),
             tier: Tier::Real {
                 plane,
                 user: String::new(),
@@ -269,6 +430,7 @@ impl Cluster {
             operator_ns: "celery-operator-e2e".into(),
             dir,
             watch_all: false,
+            chart: None,
             tier: Tier::External,
         };
         cluster.install(|crd| crd).await;
@@ -278,6 +440,12 @@ impl Cluster {
     /// Whether this is the real control plane.
     pub fn is_real(&self) -> bool {
         matches!(self.tier, Tier::Real { .. })
+    }
+
+    /// Whether the operator's requests can be observed ([`sent_since`](Self::sent_since)):
+    /// not on a cluster of the user's.
+    pub fn observes_requests(&self) -> bool {
+        !matches!(self.tier, Tier::External)
     }
 
     /// The in-memory server (fault injection, stop and restart).
@@ -329,43 +497,24 @@ impl Cluster {
         }
     }
 
-    /// The requests the operator sent after `mark`. The in-memory server does not tell
-    /// clients apart: there, it is every request, so the test sends none of its own writes
-    /// in between.
+    /// The requests the operator sent after `mark` (the test's own are left out: the
+    /// operator has credentials of its own on both tiers).
     pub fn sent_since(&self, mark: u64) -> Vec<Sent> {
         match &self.tier {
             Tier::InMemory(server) => server
                 .requests_since(mark as usize)
-                .into_iter()
-                .map(|r| Sent {
-                    line: format!("{} {} -> {}", r.method, r.path, r.status),
-                    write: r.is_write(),
-                    watch: r.watch,
-                    forbidden: r.status == 403,
-                })
+                .iter()
+                .filter(|r| r.user.as_deref() == Some(OPERATOR_TOKEN))
+                .map(Sent::in_memory)
                 .collect(),
             Tier::Real { plane, user } => plane
                 .audit_since(mark)
                 .into_iter()
                 .filter(|e| e.user == *user)
-                .map(|e: AuditEvent| Sent {
-                    line: e.line(),
-                    write: e.is_write(),
-                    watch: e.verb == "watch",
-                    forbidden: e.code == 403,
-                })
+                .map(|e: AuditEvent| Sent::new(&e.verb, &e.uri, e.code, e.verb == "watch"))
                 .collect(),
             Tier::External => Vec::new(),
         }
-    }
-
-    /// The writes the operator sent after `mark`, as `verb path -> status` lines.
-    pub fn writes_since(&self, mark: u64) -> Vec<String> {
-        self.sent_since(mark)
-            .into_iter()
-            .filter(|s| s.write)
-            .map(|s| s.line)
-            .collect()
     }
 
     /// Requests of the operator the authorizer refused since `mark` (the chart's RBAC lacks
@@ -419,6 +568,293 @@ impl Cluster {
                        "metadata": {"name": "broker", "namespace": self.ns},
                        "data": {"url": k8s_openapi::ByteString(url.as_bytes().to_vec())}});
         apply(&self.client, &s).await;
+    }
+}
+
+/// What a scenario does with the cluster: Celery resources, their children, conditions and
+/// Events; what the operator sent, once it settled; whether the chart's RBAC covers it.
+impl Cluster {
+    /// A Celery resource named `name` in the test's namespace, with `spec` (YAML).
+    pub fn celery(&self, name: &str, spec: &str) -> Value {
+        let spec: Value = serde_saphyr::from_str(spec).unwrap();
+        json!({"apiVersion": "celeryproject.org/v1alpha1", "kind": "Celery",
+               "metadata": {"name": name, "namespace": self.ns}, "spec": spec})
+    }
+
+    /// Server-side applies a Celery resource (as `kubectl apply --server-side` does).
+    pub async fn apply_celery(&self, object: &Value) {
+        self.celeries()
+            .patch(
+                object["metadata"]["name"].as_str().unwrap(),
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(object),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The Celery resources of the test's namespace.
+    pub fn celeries(&self) -> Api<DynamicObject> {
+        let ar = ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("celeryproject.org", "v1alpha1", "Celery"),
+            "celeries",
+        );
+        Api::namespaced_with(self.client.clone(), &self.ns, &ar)
+    }
+
+    /// The Deployments of the test's namespace.
+    pub fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Objects of any kind in the test's namespace, at `api_version` (`policy/v1beta1`).
+    pub fn objects(&self, api_version: &str, plural: &str) -> Api<DynamicObject> {
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let ar = ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: String::new(),
+            plural: plural.into(),
+        };
+        Api::namespaced_with(self.client.clone(), &self.ns, &ar)
+    }
+
+    /// Objects of `plural` in API group `group` of the test's namespace, at the version the
+    /// cluster prefers (found by discovery).
+    pub async fn served(&self, group: &str, plural: &str) -> Api<DynamicObject> {
+        let discovery = kube::Discovery::new(self.client.clone())
+            .filter(&[group])
+            .run()
+            .await
+            .unwrap();
+        for g in discovery.groups() {
+            for (ar, _) in g.recommended_resources() {
+                if ar.plural == plural {
+                    return Api::namespaced_with(self.client.clone(), &self.ns, &ar);
+                }
+            }
+        }
+        panic!("the cluster serves no {plural} in group {group:?}")
+    }
+
+    /// The names of the Deployments of the test's namespace, sorted.
+    pub async fn deployment_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .deployments()
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items.iter().map(|d| d.name_any()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The condition `type_` of resource `name`.
+    pub async fn condition(&self, name: &str, type_: &str) -> Option<Value> {
+        let c = self.celeries().get(name).await.ok()?;
+        c.data["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+    }
+
+    /// Waits until condition `type_` of resource `name` has `status`; returns it.
+    pub async fn until_condition(
+        &self,
+        op: &Operator,
+        name: &str,
+        type_: &str,
+        status: &str,
+    ) -> Value {
+        let what = format!("{type_} is {status}");
+        wait(LONG, &what, op, || async {
+            let c = self.condition(name, type_).await?;
+            (c["status"] == status).then_some(c)
+        })
+        .await
+    }
+
+    /// Plays the kubelet until resource `name` is Ready.
+    pub async fn until_ready(&self, op: &Operator, name: &str) {
+        wait(LONG, "the resource is Ready", op, || async {
+            self.make_ready().await;
+            let ready = self.condition(name, "Ready").await?;
+            (ready["status"] == "True").then_some(())
+        })
+        .await;
+    }
+
+    /// The Events (`events.k8s.io`) about Celery resources of the test's namespace with
+    /// `reason`.
+    pub async fn events(&self, reason: &str) -> Vec<Value> {
+        let list = self
+            .objects("events.k8s.io/v1", "events")
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+        list.items
+            .into_iter()
+            .map(|e| serde_json::to_value(e).unwrap())
+            .filter(|e| e["reason"] == reason && e["regarding"]["kind"] == "Celery")
+            .collect()
+    }
+
+    /// Waits until the operator settled: it sent no request and finished no reconcile for
+    /// [`QUIET`]. Fails after [`LONG`]: an operator in a hot loop never settles.
+    pub async fn settle(&self, op: &Operator) {
+        self.settle_within(op, QUIET, LONG).await;
+    }
+
+    /// Waits until the operator sent no request and finished no reconcile for `quiet`;
+    /// returns when that quiet period began. Fails after `limit`.
+    pub async fn settle_within(&self, op: &Operator, quiet: Duration, limit: Duration) -> Instant {
+        let start = Instant::now();
+        let mut mark = self.mark();
+        let mut reconciles = op.reconciles();
+        let mut quiet_since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Taken before reading: what comes in between is seen twice, never missed.
+            let next = self.mark();
+            let sent = self.sent_since(mark);
+            let now = op.reconciles();
+            if !sent.is_empty() || now != reconciles {
+                quiet_since = Instant::now();
+                reconciles = now;
+            }
+            mark = next;
+            if quiet_since.elapsed() >= quiet {
+                return quiet_since;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the operator did not settle within {limit:?}; last requests: {:#?}; operator log:\n{}",
+                sent.iter().map(|s| &s.line).collect::<Vec<_>>(),
+                op.log()
+            );
+        }
+    }
+
+    /// Once the operator settled: its writes since `mark`, as [`Sent::summary`] lines, in the
+    /// order it sent them.
+    pub async fn settled_writes(&self, op: &Operator, mark: u64) -> Vec<String> {
+        self.settle(op).await;
+        self.sent_since(mark)
+            .into_iter()
+            .filter(|s| s.write)
+            .map(|s| s.summary())
+            .collect()
+    }
+
+    /// Once the operator settled, checks that its writes to children since `mark` are
+    /// exactly `expected` (in any order; the resource's status and Events aside); returns
+    /// all its writes. Checks nothing where requests cannot be observed.
+    pub async fn assert_child_writes(
+        &self,
+        op: &Operator,
+        mark: u64,
+        expected: &[&str],
+        what: &str,
+    ) -> Vec<String> {
+        let writes = self.settled_writes(op, mark).await;
+        if !self.observes_requests() {
+            return writes;
+        }
+        let mut children: Vec<&str> = writes
+            .iter()
+            .map(String::as_str)
+            .filter(|w| is_child_write(w))
+            .collect();
+        children.sort();
+        let mut expected = expected.to_vec();
+        expected.sort();
+        assert_eq!(
+            children,
+            expected,
+            "{what}: the child writes; all writes: {writes:#?}; operator log:\n{}",
+            op.log()
+        );
+        writes
+    }
+
+    /// The RBAC rules of the chart release the operator runs under, each with the namespace
+    /// it applies in (None: every namespace, from a ClusterRole).
+    pub fn chart_rules(&self) -> Vec<(Option<String>, Value)> {
+        let Some((release, values)) = &self.chart else {
+            return Vec::new();
+        };
+        let mut rules = Vec::new();
+        for object in helm_template(release, &self.operator_ns, values) {
+            let scope = match object["kind"].as_str() {
+                Some("ClusterRole") => None,
+                Some("Role") => Some(
+                    object["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or(&self.operator_ns)
+                        .to_string(),
+                ),
+                _ => continue,
+            };
+            for rule in object["rules"].as_array().into_iter().flatten() {
+                rules.push((scope.clone(), rule.clone()));
+            }
+        }
+        rules
+    }
+
+    /// Checks that no request of the operator since `mark` was refused (the real authorizer
+    /// has the chart's RBAC) and that the chart's rules allow every one of them (checked by
+    /// the test on both tiers); returns what was used, as (API group, resource[/subresource],
+    /// verb) with the namespace left out.
+    pub fn assert_rbac(&self, mark: u64, op: &Operator) -> BTreeSet<(String, String, String)> {
+        let forbidden = self.forbidden_since(mark);
+        assert!(
+            forbidden.is_empty(),
+            "the chart's RBAC refused {forbidden:#?}; operator log:\n{}",
+            op.log()
+        );
+        self.assert_chart_allows(mark)
+    }
+
+    /// Checks that the chart's RBAC rules allow every request of the operator since `mark`;
+    /// returns what was used (see [`assert_rbac`](Self::assert_rbac)).
+    pub fn assert_chart_allows(&self, mark: u64) -> BTreeSet<(String, String, String)> {
+        let rules = self.chart_rules();
+        let allows = |t: &Target, resource: &str, verb: &str| {
+            rules.iter().any(|(scope, rule)| {
+                let has = |field: &str, want: &str| {
+                    rule[field]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|v| v == want || v == "*"))
+                };
+                (scope.is_none() || *scope == t.namespace)
+                    && has("apiGroups", &t.group)
+                    && has("resources", resource)
+                    && has("verbs", verb)
+            })
+        };
+        let mut used = BTreeSet::new();
+        let mut uncovered = BTreeSet::new();
+        for sent in self.sent_since(mark) {
+            let Some(t) = sent.target() else { continue };
+            let resource = match &t.sub {
+                Some(sub) => format!("{}/{sub}", t.resource),
+                None => t.resource.clone(),
+            };
+            for verb in sent.verbs() {
+                if self.chart.is_some() && !allows(&t, &resource, verb) {
+                    uncovered.insert(format!("{verb} {resource} ({})", sent.line));
+                }
+                used.insert((t.group.clone(), resource.clone(), verb.to_string()));
+            }
+        }
+        assert!(
+            uncovered.is_empty(),
+            "requests the chart's RBAC rules do not allow: {uncovered:#?}"
+        );
+        used
     }
 }
 

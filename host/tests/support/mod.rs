@@ -14,6 +14,18 @@ pub fn celery_app_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/celery_app")
 }
 
+/// The path of a plugin component built by `host/build.rs` (`hpa`, `keda`, `queue-length`,
+/// the fixtures of `plugins/testing/`: `hostile`, `future-version`, ...).
+pub fn plugin_path(name: &str) -> String {
+    format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"))
+}
+
+/// The bytes of a plugin component built by `host/build.rs` (see [`plugin_path`]).
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = plugin_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -289,6 +301,25 @@ pub fn python(broker: &str, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// kombu's own view of `queues` on a Redis `broker` (`tests/celery_app/truth.py`): queue ->
+/// (ready, reserved).
+pub fn kombu_truth(
+    broker: &str,
+    queues: &[&str],
+) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut args = vec!["truth.py"];
+    args.extend(queues);
+    let out: serde_json::Value = serde_json::from_slice(&python(broker, &args).stdout).unwrap();
+    out.as_object()
+        .unwrap()
+        .iter()
+        .map(|(q, v)| {
+            let count = |k: &str| v[k].as_u64().unwrap();
+            (q.clone(), (count("ready"), count("reserved")))
+        })
+        .collect()
 }
 
 /// A real `celery worker` process of the test app.

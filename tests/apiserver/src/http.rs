@@ -99,6 +99,12 @@ async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Response<
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let user = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(String::from);
     let bytes = body
         .collect()
         .await
@@ -124,6 +130,17 @@ async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Response<
         r.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         r
+    } else if parts.method != Method::GET
+        && faults
+            .forbidden_writes
+            .iter()
+            .any(|p| path.contains(p.as_str()))
+    {
+        error(&ApiError::new(
+            403,
+            "Forbidden",
+            format!("injected fault: {} {path} is forbidden", parts.method),
+        ))
     } else if parts.method != Method::GET
         && faults.conflict_share > 0.0
         && shared.random() < faults.conflict_share
@@ -154,6 +171,7 @@ async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Response<
             query,
             status: response.status().as_u16(),
             watch: is_watch,
+            user,
         });
     response
 }
@@ -289,6 +307,7 @@ fn route(
         }
     };
     let mut store = shared.store.lock().expect("store lock");
+    let mut created = false;
     let result = match (method.as_str(), target.name.as_deref()) {
         ("GET", None) => {
             let labels = match Labels::parse(&param("labelSelector").unwrap_or_default()) {
@@ -322,6 +341,10 @@ fn route(
         ("PUT", Some(name)) => parse_body(bytes, false)
             .and_then(|b| store.replace(&target.t, ns, name, b, part, manager.as_deref())),
         ("PATCH", Some(name)) => {
+            // An apply that creates its object answers 201, as Kubernetes does.
+            created = content_type.starts_with("application/apply-patch+yaml")
+                && part == Part::Main
+                && store.get(&target.t, ns, name).is_err();
             let patch = if content_type.starts_with("application/json-patch+json") {
                 parse_body(bytes, false).map(Patch::Json)
             } else if content_type.starts_with("application/apply-patch+yaml") {
@@ -359,7 +382,7 @@ fn route(
         )),
     };
     match result {
-        Ok(o) if *method == Method::POST => full(StatusCode::CREATED, &o),
+        Ok(o) if *method == Method::POST || created => full(StatusCode::CREATED, &o),
         Ok(o) => full(StatusCode::OK, &o),
         Err(e) => error(&e),
     }

@@ -40,6 +40,10 @@ pub struct Faults {
     pub throttle_share: f64,
     /// Share of writes answered `409 Conflict`.
     pub conflict_share: f64,
+    /// Writes whose path contains one of these strings are answered `403 Forbidden`, every
+    /// time (as an authorizer, a quota or an admission webhook refuses them):
+    /// `vec!["/services/".into()]` refuses every write to a Service.
+    pub forbidden_writes: Vec<String>,
 }
 
 /// One request the server answered.
@@ -55,6 +59,10 @@ pub struct Request {
     pub status: u16,
     /// A watch request.
     pub watch: bool,
+    /// Who sent it: the bearer token of its `Authorization` header, when it has one. The
+    /// server authenticates nobody; this only tells clients apart (give each its own token in
+    /// its kubeconfig, see [`ApiServer::write_kubeconfig_with_token`]).
+    pub user: Option<String>,
 }
 
 impl Request {
@@ -127,8 +135,19 @@ impl ApiServer {
 
     /// Writes a kubeconfig file pointing to this server (no authentication).
     pub fn write_kubeconfig(&self, path: &Path) {
+        self.write_kubeconfig_user(path, "{}");
+    }
+
+    /// Writes a kubeconfig file pointing to this server whose client sends `token` as a bearer
+    /// token: nothing is authenticated, but its requests are told apart by
+    /// [`Request::user`].
+    pub fn write_kubeconfig_with_token(&self, path: &Path, token: &str) {
+        self.write_kubeconfig_user(path, &format!("{{token: {token}}}"));
+    }
+
+    fn write_kubeconfig_user(&self, path: &Path, user: &str) {
         let text = format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\nusers:\n- name: test\n  user: {{}}\n",
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\nusers:\n- name: test\n  user: {user}\n",
             self.url()
         );
         std::fs::write(path, text).expect("kubeconfig written");

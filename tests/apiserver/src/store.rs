@@ -156,6 +156,19 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// The object without metadata and status: what `generation` tracks.
+/// The defaults the API server fills in on every write that the clients of this server rely
+/// on: a Deployment without `spec.replicas` gets 1 (owned by no field manager, so an apply
+/// that leaves the field out keeps whatever another manager, an autoscaler, set).
+fn default_fields(t: &ResourceType, object: &mut Value) {
+    if t.group == "apps"
+        && t.plural == "deployments"
+        && object["spec"].is_object()
+        && object["spec"]["replicas"].is_null()
+    {
+        object["spec"]["replicas"] = json!(1);
+    }
+}
+
 fn spec_of(object: &Value) -> Value {
     let mut o = object.clone();
     if let Some(m) = o.as_object_mut() {
@@ -380,6 +393,7 @@ impl Store {
             body.as_object_mut().expect("object").remove("status");
         }
         self.check_schema(t, &mut body)?;
+        default_fields(t, &mut body);
         if t.plural == "customresourcedefinitions" {
             let served =
                 resources::from_crd(&body).map_err(|e| ApiError::new(422, "Invalid", e))?;
@@ -511,6 +525,7 @@ impl Store {
             .map(|m| m.remove("managedFields"));
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         self.check_schema(t, &mut new)?;
+        default_fields(t, &mut new);
         let managers = managers.unwrap_or_else(|| entry.managers.clone());
         // `new` now carries the old resourceVersion and generation, and stored objects hold
         // no managedFields: equal means nothing changed.
@@ -607,7 +622,9 @@ impl Store {
                         .map(|m| m.remove("resourceVersion"));
                     self.create(t, ns, body.clone(), None)?;
                     let entry = self.objects.get_mut(&key).expect("just created");
-                    let owned = fields::owned_fields(&entry.object, t.schema.as_deref());
+                    // The manager owns what it applied, not what defaulting added.
+                    let mut owned = fields::owned_fields(&entry.object, t.schema.as_deref());
+                    owned.retain(|p| fields::get(&body, p).is_some());
                     entry
                         .managers
                         .insert(manager.into(), (format!("Apply {}", now()), owned));

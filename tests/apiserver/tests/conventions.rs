@@ -466,6 +466,109 @@ async fn faults_are_injected_and_a_stopped_server_comes_back() {
 }
 
 #[tokio::test]
+async fn requests_name_their_user_and_writes_to_chosen_paths_are_forbidden() {
+    let server = ApiServer::start().await;
+    let dir = std::env::temp_dir().join(format!(
+        "apiserver-test-token-{}",
+        server.url().rsplit(':').next().unwrap()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig_with_token(&path, "alice");
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let alice: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+    let anonymous: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
+
+    // An apply that creates answers 201, one that changes 200.
+    let apply = |data: &str| {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": data}});
+        let alice = alice.clone();
+        async move {
+            alice
+                .patch("a", &PatchParams::apply("alice"), &Patch::Apply(cm))
+                .await
+        }
+    };
+    let mark = server.request_count();
+    apply("1").await.unwrap();
+    apply("2").await.unwrap();
+    anonymous.get("a").await.unwrap();
+    let sent: Vec<_> = server
+        .requests_since(mark)
+        .into_iter()
+        .map(|r| (r.method, r.status, r.user))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("PATCH".to_string(), 201, Some("alice".to_string())),
+            ("PATCH".into(), 200, Some("alice".into())),
+            ("GET".into(), 200, None),
+        ]
+    );
+
+    // Writes to the chosen paths are refused, every time; reads and other writes are not.
+    server.set_faults(Faults {
+        forbidden_writes: vec!["/configmaps/a".into()],
+        ..Default::default()
+    });
+    for _ in 0..3 {
+        let err = apply("3").await.unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 403 && s.reason == "Forbidden"),
+            "{err:?}"
+        );
+    }
+    assert_eq!(alice.get("a").await.unwrap().data.unwrap()["k"], "2");
+    alice
+        .create(&PostParams::default(), &cm("b", "1"))
+        .await
+        .unwrap();
+    server.set_faults(Faults::default());
+    apply("3").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deployment_without_replicas_gets_one_that_no_manager_owns() {
+    let server = ApiServer::start().await;
+    let api: Api<Deployment> = Api::namespaced(client(&server).await, "default");
+    let apply = |label: &str| {
+        let mut d = serde_json::to_value(deployment("d")).unwrap();
+        d["apiVersion"] = json!("apps/v1");
+        d["kind"] = json!("Deployment");
+        d["metadata"]["labels"] = json!({"l": label});
+        d["spec"].as_object_mut().unwrap().remove("replicas");
+        let api = api.clone();
+        async move {
+            api.patch("d", &PatchParams::apply("app").force(), &Patch::Apply(d))
+                .await
+                .unwrap()
+        }
+    };
+    let created = apply("1").await;
+    assert_eq!(created.spec.as_ref().unwrap().replicas, Some(1));
+    let owned = serde_json::to_value(&created.metadata.managed_fields.unwrap()[0]).unwrap();
+    assert_eq!(owned["manager"], "app");
+    assert!(
+        owned["fieldsV1"]["f:spec"].get("f:replicas").is_none(),
+        "{owned}"
+    );
+    // An autoscaler sets the replicas; the next apply leaves them alone.
+    api.patch_scale(
+        "d",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    let applied = apply("2").await;
+    assert_eq!(applied.spec.unwrap().replicas, Some(3));
+}
+
+#[tokio::test]
 async fn a_selector_watch_sees_objects_enter_and_leave_it() {
     let server = ApiServer::start().await;
     let api: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");

@@ -2,6 +2,7 @@
 //! plugins (built from `plugins/testing/`, and written from scratch in
 //! `support/hostile.rs`), the failure policies, and ConfigMap swaps.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
@@ -13,19 +14,15 @@ use celery_operator::plugin::bindings::{autoscaler::PoolInput, scaler, shaper::S
 use celery_operator::plugin::configmap::{self, Loaded, PLUGIN_LABEL, WASM_KEY};
 use celery_operator::plugin::registry::Source;
 use celery_operator::plugin::{
-    Compiler, FailurePolicy, Limits, PluginError, PluginRef, Registry, Role, Runtime, Sandbox,
+    Compiler, FailurePolicy, Limits, PluginError, PluginId, Registry, Role, Runtime, Sandbox,
     builtin,
 };
-use celery_operator::shape::{self, PluginConfig, Plugins, ShapeError};
+use celery_operator::plugin::{PluginConfig, Plugins};
+use celery_operator::shape::{self, ShapeError};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::{Value, json};
-use support::hostile;
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
+use support::{fixture, hostile};
 
 /// Untrusted components are compiled as in the operator: by a bounded child process of the
 /// operator binary (an unoptimised build here, so with room to spare).
@@ -408,7 +405,8 @@ fn run_shape(plugins: &Plugins, celery: &Celery) -> Result<shape::Shaped, ShapeE
     shape::shape(
         plugins,
         celery,
-        celery_operator::build::desired_children(celery),
+        celery_operator::desired::desired_children(celery),
+        &Default::default(),
     )
 }
 
@@ -439,8 +437,8 @@ fn autoscaler_failure_policies() {
         "panic",
     );
     install(&plugins, "custom", &fixture("hostile"));
-    let built = celery_operator::build::desired_children(&celery);
-    let err = shape::shape(&plugins, &celery, built.clone()).unwrap_err();
+    let built = celery_operator::desired::desired_children(&celery);
+    let err = shape::shape(&plugins, &celery, built.clone(), &Default::default()).unwrap_err();
     assert!(
         matches!(
             &err,
@@ -458,7 +456,7 @@ fn autoscaler_failure_policies() {
         "panic",
     );
     install(&plugins, "custom", &fixture("hostile"));
-    let shaped = shape::shape(&plugins, &celery, built.clone()).unwrap();
+    let shaped = shape::shape(&plugins, &celery, built.clone(), &Default::default()).unwrap();
     assert_eq!(
         kinds(&shaped),
         [ChildKind::Deployment, ChildKind::HorizontalPodAutoscaler]
@@ -476,17 +474,17 @@ fn autoscaler_failure_policies() {
         with_policy(FailurePolicy::KeepLastGood, FailurePolicy::Fail),
         "panic",
     );
-    let shaped = shape::shape(&plugins, &celery, built.clone()).unwrap();
+    let shaped = shape::shape(&plugins, &celery, built.clone(), &Default::default()).unwrap();
     assert_eq!(
         shaped.kept_pools,
         ["panic"],
         "custom is not loaded yet: nothing to fall back on"
     );
     install(&plugins, "custom", builtin::HPA);
-    let good = shape::shape(&plugins, &celery, built.clone()).unwrap();
+    let good = shape::shape(&plugins, &celery, built.clone(), &Default::default()).unwrap();
     assert!(good.problems.is_empty());
     install(&plugins, "custom", &fixture("hostile"));
-    let kept = shape::shape(&plugins, &celery, built).unwrap();
+    let kept = shape::shape(&plugins, &celery, built, &Default::default()).unwrap();
     assert_eq!(
         kept.children, good.children,
         "the last good HPA is applied again"
@@ -517,16 +515,25 @@ fn shaper_failure_policies() {
             )),
             "builtin" => {
                 let shaped = result.unwrap();
-                assert!(!shaped.hold);
+                assert!(!shaped.keep_what_runs);
                 assert_eq!(
                     kinds(&shaped),
                     [ChildKind::Deployment, ChildKind::HorizontalPodAutoscaler]
                 );
-                assert!(shaped.problems[0].contains("applied unshaped"));
+                assert!(
+                    shaped.problems[0].contains("the built-in noop was used instead"),
+                    "{:?}",
+                    shaped.problems
+                );
+                let noop = shaped.uses.iter().find(|u| u.role == "shaper").unwrap();
+                assert_eq!(
+                    (noop.name.as_str(), noop.fallback.as_deref()),
+                    ("noop", Some("hostile failed"))
+                );
             }
             _ => {
                 let shaped = result.unwrap();
-                assert!(shaped.hold, "keep-last-good applies nothing");
+                assert!(shaped.keep_what_runs, "keep-last-good applies nothing");
             }
         }
     }
@@ -558,8 +565,8 @@ fn shapers_cannot_add_objects_or_disown_them() {
     install(&plugins, "custom", builtin::HPA);
     install(&plugins, "hostile", &fixture("hostile"));
     with_shaper(&mut celery, "ok");
-    let built = celery_operator::build::desired_children(&celery);
-    let shaped = shape::shape(&plugins, &celery, built).unwrap();
+    let built = celery_operator::desired::desired_children(&celery);
+    let shaped = shape::shape(&plugins, &celery, built, &Default::default()).unwrap();
     for child in &shaped.children {
         assert_eq!(
             child.object["metadata"]["ownerReferences"][0]["uid"], "uid-1",
@@ -590,7 +597,7 @@ fn configmap(name: &str, bytes: &[u8]) -> ConfigMap {
 #[test]
 fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
     let registry = Registry::with_builtins(Arc::new(runtime())).unwrap();
-    let wanted = PluginRef {
+    let wanted = PluginId {
         name: "hpa".into(),
         digest: None,
     };
@@ -640,7 +647,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
     }
 
     // Pins: the old build stays usable by digest while it is known.
-    let pinned = PluginRef {
+    let pinned = PluginId {
         name: "hpa".into(),
         digest: Some(builtin_digest.clone()),
     };
@@ -652,7 +659,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
             .digest,
         builtin_digest
     );
-    let unknown = PluginRef {
+    let unknown = PluginId {
         name: "hpa".into(),
         digest: Some(format!("sha256:{}", "0".repeat(64))),
     };
@@ -1279,7 +1286,15 @@ fn the_scaler_chooses_what_the_hpa_chooses() {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+    // Failures are kept next to this file, in `main.proptest-regressions` (proptest's default
+    // would put them in `../proptest-regressions/main.txt`, as this file is a `main.rs`).
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 200,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..Default::default()
+    })]
 
     /// On random states, the operator's scaler with `behavior: {}` agrees with the HPA.
     #[test]

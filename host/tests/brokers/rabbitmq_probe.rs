@@ -3,13 +3,12 @@
 //! list_queues`, which asks the node over Erlang distribution, not the management API.
 //! One node serves every check of this file: it takes seconds to start.
 
-mod support;
-
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use celery_operator::broker::rabbitmq::RabbitProbe;
-use support::{Rabbitmq, Worker, as_map, python, queues_command};
+
+use crate::support::{Rabbitmq, Worker, as_map, eventually, python, queues_command};
 
 /// `rabbitmqctl`'s view: queue -> (ready, unacknowledged), for `queues` only.
 fn truth(rabbit: &Rabbitmq, queues: &[String]) -> BTreeMap<String, (u64, u64)> {
@@ -64,18 +63,16 @@ async fn probe_reads_ready_and_unacknowledged_like_rabbitmqctl() {
     // A real worker (concurrency 1, prefetch 3, acks_late) holds 3 messages unacknowledged,
     // spread over its two queues however RabbitMQ delivers them.
     let _worker = Worker::start(&url, "emails,reports", 3);
-    let start = Instant::now();
-    loop {
-        let samples = probe.sample(&queues).await.unwrap();
-        if samples.iter().map(|s| s.reserved).sum::<u64>() == 3 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the worker did not reserve 3 messages: {samples:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(30),
+        "the worker reserves 3 messages",
+        String::new,
+        || async {
+            let samples = probe.sample(&queues).await.unwrap();
+            (samples.iter().map(|s| s.reserved).sum::<u64>() == 3).then_some(())
+        },
+    )
+    .await;
     let samples = probe.sample(&queues).await.unwrap();
     assert_eq!(
         as_map(&samples),

@@ -1,6 +1,10 @@
-//! The `celery-operator` binary as a user runs it.
+//! The `celery-operator` binary as a user runs it, and the committed CRD against the types
+//! (`crd_drift`).
 
+#[path = "../support/mod.rs"]
 mod support;
+
+mod crd_drift;
 
 use std::process::Command;
 
@@ -104,13 +108,9 @@ fn run_without_a_cluster_fails_with_a_clear_message() {
     assert!(err.contains("no Kubernetes configuration found"), "{err}");
 }
 
-fn plugin_file(name: &str) -> String {
-    format!("{}/{name}.wasm", env!("CELERY_PLUGIN_DIR"))
-}
-
 #[test]
 fn plugin_check_reports_world_version_size_and_digest() {
-    let out = operator(&["plugin", "check", &plugin_file("business_hours")]);
+    let out = operator(&["plugin", "check", &support::plugin_path("business_hours")]);
     assert!(
         out.status.success(),
         "{}",
@@ -124,7 +124,7 @@ fn plugin_check_reports_world_version_size_and_digest() {
     );
     assert!(text.contains("digest:          sha256:"), "{text}");
 
-    let out = operator(&["plugin", "check", &plugin_file("future_version")]);
+    let out = operator(&["plugin", "check", &support::plugin_path("future_version")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -152,7 +152,7 @@ fn plugin_run(file: &str, world: &str, input: &str) -> std::process::Output {
 #[test]
 fn plugin_run_calls_each_world_on_the_example_inputs() {
     let out = plugin_run(
-        &plugin_file("business_hours"),
+        &support::plugin_path("business_hours"),
         "scaler-plugin",
         "examples/plugins/inputs/scaler.json",
     );
@@ -166,7 +166,7 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("call took"));
 
     let out = plugin_run(
-        &plugin_file("hpa"),
+        &support::plugin_path("hpa"),
         "autoscaler-plugin",
         "examples/plugins/inputs/autoscaler.json",
     );
@@ -174,7 +174,7 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
     assert_eq!(objects[0]["kind"], "HorizontalPodAutoscaler");
 
     let out = plugin_run(
-        &plugin_file("noop_shaper"),
+        &support::plugin_path("noop_shaper"),
         "shaper",
         "examples/plugins/inputs/shaper.json",
     );
@@ -183,14 +183,14 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
 
     // A world the plugin does not implement, and an input that does not fit.
     let out = plugin_run(
-        &plugin_file("hpa"),
+        &support::plugin_path("hpa"),
         "scaler-plugin",
         "examples/plugins/inputs/scaler.json",
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not scaler"));
     let out = plugin_run(
-        &plugin_file("hpa"),
+        &support::plugin_path("hpa"),
         "autoscaler-plugin",
         "examples/plugins/inputs/scaler.json",
     );
@@ -203,7 +203,7 @@ fn plugin_run_calls_each_world_on_the_example_inputs() {
 #[test]
 fn plugin_pack_prints_a_configmap_the_operator_loads() {
     use std::io::Read;
-    let file = plugin_file("business_hours");
+    let file = support::plugin_path("business_hours");
     let out = operator(&[
         "plugin",
         "pack",
@@ -277,7 +277,7 @@ fn plugin_check_and_run_are_bounded_on_hostile_components() {
             "samples": [{"atMs": 1000, "queues": [{"name": "q", "ready": 1, "reserved": 0}]}]});
         write(&format!("{pool}.json"), text.to_string().into_bytes())
     };
-    let hostile = plugin_file("hostile");
+    let hostile = support::plugin_path("hostile");
     let start = std::time::Instant::now();
     let out = plugin_run(&hostile, "scaler-plugin", &input("sleep"));
     assert!(

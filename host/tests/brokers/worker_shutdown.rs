@@ -3,15 +3,14 @@
 //! while a task runs, as a pod being scaled away does. Every task must be accounted for
 //! afterwards: finished, or back in the queue; none left reserved by a gone worker.
 
-mod support;
-
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use celery_operator::build::desired_children;
 use celery_operator::crd::Celery;
+use celery_operator::desired::desired_children;
 use serde_json::Value;
-use support::{Redis, Worker, python, tempdir, wait_until};
+
+use crate::support::{Redis, Worker, kombu_truth, python, tempdir, wait_until};
 
 const SPEC: &str = r#"
 apiVersion: celeryproject.org/v1alpha1
@@ -83,11 +82,7 @@ fn record(path: &Path) -> (Vec<String>, Vec<String>) {
 
 /// kombu's own view of the queue: (ready, reserved).
 fn truth(broker: &str) -> (u64, u64) {
-    let out: Value = serde_json::from_slice(&python(broker, &["truth.py", "jobs"]).stdout).unwrap();
-    (
-        out["jobs"]["ready"].as_u64().unwrap(),
-        out["jobs"]["reserved"].as_u64().unwrap(),
-    )
+    kombu_truth(broker, &["jobs"])["jobs"]
 }
 
 /// Sends 3 `record` tasks of `seconds`, starts the pool's worker, waits until one runs (and
@@ -130,17 +125,16 @@ fn scale_down_during_a_task(env: &str, seconds: &str) -> (usize, usize, u64, u64
     });
 
     worker.terminate();
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(status) = worker.process.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(grace as u64),
-            "the worker outlived the pod's grace period ({grace} s): the kubelet would kill it"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(grace as u64),
+        "the worker exits within the pod's grace period (else the kubelet would kill it)",
+        || {
+            status = worker.process.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    let status = status.unwrap();
     let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
     assert!(status.success(), "worker exit {status}: {log}");
     let (started, finished) = record(&file);

@@ -2,33 +2,14 @@
 //! drained by a real Celery worker; its numbers must equal the ground truth that kombu itself
 //! reports (`tests/celery_app/truth.py`).
 
-mod support;
-
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use celery_operator::broker::QueueSample;
 use celery_operator::broker::redis::{Layout, RedisProbe};
-use support::{Redis, Worker, as_map, python, queues_command};
 
-fn truth(broker: &str, queues: &[&str]) -> BTreeMap<String, (u64, u64)> {
-    let mut args = vec!["truth.py"];
-    args.extend(queues);
-    let out: serde_json::Value = serde_json::from_slice(&python(broker, &args).stdout).unwrap();
-    out.as_object()
-        .unwrap()
-        .iter()
-        .map(|(q, v)| {
-            (
-                q.clone(),
-                (
-                    v["ready"].as_u64().unwrap(),
-                    v["reserved"].as_u64().unwrap(),
-                ),
-            )
-        })
-        .collect()
-}
+use crate::support::{
+    Redis, Worker, as_map, eventually, kombu_truth as truth, python, queues_command,
+};
 
 #[tokio::test]
 async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
@@ -58,14 +39,13 @@ async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
 
     // A real worker with prefetch reserves tasks: one running (acks_late) and the prefetched.
     let _worker = Worker::start(&url, "reports", 3);
-    let start = std::time::Instant::now();
-    while probe.sample(&queues).await.unwrap()[1].reserved < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the worker did not reserve tasks of `reports`"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(30),
+        "the worker reserves tasks of `reports`",
+        String::new,
+        || async { (probe.sample(&queues).await.unwrap()[1].reserved >= 3).then_some(()) },
+    )
+    .await;
     let samples = probe.sample(&queues).await.unwrap();
     let truth = truth(&url, &["emails", "reports"]);
     assert_eq!(as_map(&samples), truth, "probe and kombu agree");

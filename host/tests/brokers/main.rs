@@ -1,0 +1,11 @@
+//! The brokers for real: the Redis and RabbitMQ probes against real servers filled by the real
+//! Celery client and drained by real Celery workers (`redis_probe`, `rabbitmq_probe`), and the
+//! generated worker command line shutting down mid-task without losing one
+//! (`worker_shutdown`).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod rabbitmq_probe;
+mod redis_probe;
+mod worker_shutdown;
