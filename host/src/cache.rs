@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use futures::Stream;
+use futures::{Stream, TryStreamExt};
 use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
@@ -17,8 +17,36 @@ use kube::runtime::{WatchStreamExt, watcher};
 use crate::children::ChildKind;
 use crate::names::labels;
 
-/// One kind's cache, and the version it is watched at.
-type KindStore = (ApiResource, Store<DynamicObject>);
+/// Says when a watch has delivered its first complete listing. (kube's own
+/// `Store::wait_until_ready` wakes only the last of several waiters.)
+#[derive(Clone)]
+pub struct Ready(tokio::sync::watch::Receiver<bool>);
+
+impl Ready {
+    /// Passes `events` through, and the returned [`Ready`] says once they listed everything.
+    pub fn track<K, S>(events: S) -> (impl Stream<Item = S::Item> + Send + 'static, Ready)
+    where
+        K: Send + 'static,
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let events = events.inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                tx.send_replace(true);
+            }
+        });
+        (events, Ready(rx))
+    }
+
+    /// Waits until the first listing is complete (at once if it is).
+    pub async fn wait(&self) {
+        // An error means the watch is gone, and the operator with it: nothing to wait for.
+        let _ = self.0.clone().wait_for(|ready| *ready).await;
+    }
+}
+
+/// One kind's cache, the version it is watched at, and whether it is filled.
+type KindStore = (ApiResource, Store<DynamicObject>, Ready);
 
 /// The children caches, shared by the controller and the scaler loops.
 #[derive(Clone, Default)]
@@ -47,10 +75,11 @@ impl Caches {
         + 'static,
     ) -> impl Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static {
         let writer = Writer::new(ar.clone());
+        let (events, ready) = Ready::track(events);
         self.stores
             .write()
             .expect("caches lock")
-            .insert(kind, (ar.clone(), writer.as_reader()));
+            .insert(kind, (ar.clone(), writer.as_reader(), ready));
         events
             .modify(slim)
             .reflect(writer)
@@ -60,16 +89,15 @@ impl Caches {
 
     /// Waits until every cache holds its first complete listing.
     pub async fn ready(&self) {
-        let stores: Vec<Store<DynamicObject>> = self
+        let ready: Vec<Ready> = self
             .stores
             .read()
             .expect("caches lock")
             .values()
-            .map(|(_, s)| s.clone())
+            .map(|(_, _, ready)| ready.clone())
             .collect();
-        for store in stores {
-            // The writer lives as long as the controller; if it is gone, so are we.
-            let _ = store.wait_until_ready().await;
+        for r in ready {
+            r.wait().await;
         }
     }
 
@@ -87,7 +115,7 @@ impl Caches {
         instance: &str,
     ) -> Option<Vec<Arc<DynamicObject>>> {
         let stores = self.stores.read().expect("caches lock");
-        let (_, store) = stores.get(&kind)?;
+        let (_, store, _) = stores.get(&kind)?;
         Some(
             store
                 .state()
@@ -104,7 +132,7 @@ impl Caches {
     /// `Some(None)` when the cache has no such object.
     pub fn get(&self, kind: ChildKind, ns: &str, name: &str) -> Option<Option<Arc<DynamicObject>>> {
         let stores = self.stores.read().expect("caches lock");
-        let (ar, store) = stores.get(&kind)?;
+        let (ar, store, _) = stores.get(&kind)?;
         Some(store.get(&ObjectRef::new_with(name, ar.clone()).within(ns)))
     }
 }

@@ -19,7 +19,7 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, Applied, ApplyTo, ServedKinds};
-use crate::cache::Caches;
+use crate::cache::{Caches, Ready};
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
 use crate::events::Publisher;
@@ -467,7 +467,8 @@ pub async fn run(
     // The resources, cached without their managed fields (nothing reads them).
     let writer = Writer::<Celery>::default();
     let store = writer.as_reader();
-    let resources = watcher(celeries, watcher::Config::default())
+    let (events, listed) = Ready::track(watcher(celeries, watcher::Config::default()));
+    let resources = events
         .modify(|c: &mut Celery| c.metadata.managed_fields = None)
         .reflect(writer)
         .default_backoff()
@@ -488,7 +489,7 @@ pub async fn run(
         let events = watcher(children, owned.clone());
         controller = controller.owns_stream_with(ctx.caches.watch(kind, &ar, events), ar);
     }
-    let forget = tokio::spawn(forget_deleted(ctx.clone(), store));
+    let forget = tokio::spawn(forget_deleted(ctx.clone(), store, listed));
     controller
         .reconcile_all_on(reconcile_all)
         // A rollout changes a Deployment's status many times a second; one reconcile for
@@ -516,11 +517,9 @@ pub async fn run(
 
 /// Drops, every little while, the state of the resources that are gone (their retry
 /// counters, last good plugin answers, scaler loops and, with them, unused broker probes).
-async fn forget_deleted(ctx: Arc<Context>, store: reflector::Store<Celery>) {
+async fn forget_deleted(ctx: Arc<Context>, store: reflector::Store<Celery>, listed: Ready) {
     // Before the first listing the store is empty: everything would look deleted.
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
+    listed.wait().await;
     loop {
         let live: HashSet<String> = store.state().iter().filter_map(|c| c.uid()).collect();
         ctx.states.retain(|uid| live.contains(uid));

@@ -397,3 +397,59 @@ async fn a_restarted_operator_keeps_the_scale_down_window_in_memory() {
 async fn a_restarted_operator_keeps_the_scale_down_window_on_the_real_control_plane() {
     restart_keeps_the_window(&Cluster::real().await).await;
 }
+
+/// What the operator keeps per resource (its scaler loop and broker probe, retry counter,
+/// last good plugin answers) goes with the resource: the gauges fall back to zero after a
+/// delete, and the loop stops sampling the broker.
+async fn state_goes_with_the_resource(cluster: &Cluster) {
+    let redis = Redis::start();
+    cluster.secret(&redis.url()).await;
+    let op = cluster.operator("operator", &[]);
+    cluster
+        .apply_celery(&cluster.celery("shop", &queue_spec(None)))
+        .await;
+    let kept = |resources: f64, loops: f64| {
+        op.metric("celery_operator_tracked_resources") == resources
+            && op.metric("celery_operator_scaler_loops") == loops
+    };
+    wait(
+        LONG,
+        "one resource kept, with one scaler loop",
+        &op,
+        || async { kept(1.0, 1.0).then_some(()) },
+    )
+    .await;
+    wait(LONG, "the loop samples the broker", &op, || async {
+        (op.metric("celery_operator_scaler_samples") > 0.0).then_some(())
+    })
+    .await;
+    cluster
+        .celeries()
+        .delete("shop", &Default::default())
+        .await
+        .unwrap();
+    wait(
+        LONG,
+        "nothing kept for the deleted resource",
+        &op,
+        || async { kept(0.0, 0.0).then_some(()) },
+    )
+    .await;
+    let stopped = op.metric("celery_operator_scaler_samples");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        op.metric("celery_operator_scaler_samples"),
+        stopped,
+        "the loop of a deleted resource samples no more (poll 1 s)"
+    );
+}
+
+#[tokio::test]
+async fn state_goes_with_the_resource_in_memory() {
+    state_goes_with_the_resource(&Cluster::in_memory().await).await;
+}
+
+#[tokio::test]
+async fn state_goes_with_the_resource_on_the_real_control_plane() {
+    state_goes_with_the_resource(&Cluster::real().await).await;
+}
