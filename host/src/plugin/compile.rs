@@ -9,7 +9,8 @@
 //! killed at the deadline. It hands back wasmtime's serialized form of the component, which
 //! the parent loads (with wasmtime's own version and configuration checks).
 //!
-//! The built-in plugins, which ship inside the binary, are compiled in process.
+//! The operator compiles the built-in plugins the same way (it keeps the compiler out of its
+//! own memory); `render` and the tests compile them in process.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;

@@ -101,10 +101,23 @@ pub struct Registry {
 impl Registry {
     /// A registry with the built-in plugins compiled and installed.
     pub fn with_builtins(runtime: Arc<Runtime>) -> Result<Self, PluginError> {
+        // Compiled like any plugin, by the runtime's compiler: in the operator a child
+        // process, which keeps the compiler's memory (tens of MiB at its peak) out of the
+        // operator. In parallel: four child processes start faster than one after another.
+        let loaded: Vec<Result<Arc<Plugin>, PluginError>> = std::thread::scope(|scope| {
+            let loads: Vec<_> = builtin::ALL
+                .iter()
+                .map(|(_, bytes)| scope.spawn(|| runtime.load(bytes)))
+                .collect();
+            loads
+                .into_iter()
+                .map(|l| l.join().expect("loading a plugin does not panic"))
+                .collect()
+        });
         let mut builtins = BTreeMap::new();
         let mut entries = BTreeMap::new();
-        for (name, bytes) in builtin::ALL {
-            let plugin = runtime.load_builtin(bytes).map_err(|e| {
+        for ((name, _), plugin) in builtin::ALL.iter().zip(loaded) {
+            let plugin = plugin.map_err(|e| {
                 PluginError::Invalid(format!("built-in plugin {name} does not load: {e}"))
             })?;
             builtins.insert(name.to_string(), plugin.clone());

@@ -39,7 +39,6 @@ const LISTED_NAMES: usize = 8;
 fn config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
-    config.parallel_compilation(false);
     config
 }
 
@@ -233,21 +232,11 @@ impl Runtime {
     /// Slow for new bytes (tens of milliseconds, more for large components): call it when a
     /// plugin is installed, never on the decision path.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
-        self.load_with(bytes, &self.compiler)
-    }
-
-    /// Like [`load`](Self::load) for bytes the operator ships itself (the built-ins):
-    /// compiled in this process.
-    pub fn load_builtin(&self, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
-        self.load_with(bytes, &Compiler::InProcess)
-    }
-
-    fn load_with(&self, bytes: &[u8], compiler: &Compiler) -> Result<Arc<Plugin>, PluginError> {
         let digest = Self::digest(bytes);
         if let Some(p) = self.cached(&digest) {
             return Ok(p);
         }
-        let component = compiler.compile(&ENGINE, bytes)?;
+        let component = self.compiler.compile(&ENGINE, bytes)?;
         let exports = exported_roles(&component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             PluginError::Invalid(text::clean(

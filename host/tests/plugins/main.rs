@@ -484,7 +484,8 @@ fn autoscaler_failure_policies() {
     let good = shape::shape(&plugins, &celery, built.clone(), &Default::default()).unwrap();
     assert!(good.problems.is_empty());
     install(&plugins, "custom", &fixture("hostile"));
-    let kept = shape::shape(&plugins, &celery, built, &Default::default()).unwrap();
+    // The controller keeps each pool's last good answer per resource and passes it back.
+    let kept = shape::shape(&plugins, &celery, built, &good.autoscaler_answers).unwrap();
     assert_eq!(
         kept.children, good.children,
         "the last good HPA is applied again"
