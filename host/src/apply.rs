@@ -196,13 +196,6 @@ impl ServedKinds {
         }
     }
 
-    /// Already known (tests of mocked APIs that do not answer discovery).
-    pub fn known(served: Served) -> ServedKinds {
-        ServedKinds {
-            state: tokio::sync::Mutex::new((served, Some(Instant::now()))),
-        }
-    }
-
     /// What the cluster serves. Asks it first when it never answered, or when one of
     /// `needed` was not served at the last discovery and that is a while ago. A failed
     /// discovery keeps what was known (the newest versions, before the first answer).

@@ -1,8 +1,8 @@
 //! The Kubernetes permissions the operator needs, derived from what the code does: the child
 //! kinds it manages and watches, the verbs the apply stage uses, the plugin ConfigMaps and the
 //! leader-election Lease. `celery-operator rbac` prints them; the Helm chart's RBAC is checked
-//! against that output, and the mocked-API tests check that every request the reconciler sends
-//! is allowed by them.
+//! against that output, and the operator tests check, on the in-memory server and on a real
+//! control plane, that every request the operator sends is allowed by them.
 
 use serde::Serialize;
 
