@@ -748,9 +748,10 @@ impl Cluster {
             .collect()
     }
 
-    /// Once the operator settled, checks that its writes to children since `mark` are
-    /// exactly `expected` (in any order; the resource's status and Events aside); returns
-    /// all its writes. Checks nothing where requests cannot be observed.
+    /// Waits until the operator sent the `expected` writes to children since `mark` and
+    /// settled, then checks that its writes to children are exactly those (in any order; the
+    /// resource's status and Events aside); returns all its writes. Checks nothing where
+    /// requests cannot be observed.
     pub async fn assert_child_writes(
         &self,
         op: &Operator,
@@ -758,10 +759,30 @@ impl Cluster {
         expected: &[&str],
         what: &str,
     ) -> Vec<String> {
-        let writes = self.settled_writes(op, mark).await;
         if !self.observes_requests() {
-            return writes;
+            return self.settled_writes(op, mark).await;
         }
+        let what_sent = format!("{what}: the operator sent {expected:?}");
+        wait(LONG, &what_sent, op, || async {
+            let mut sent: Vec<String> = self
+                .sent_since(mark)
+                .into_iter()
+                .filter(|s| s.write)
+                .map(|s| s.summary())
+                .collect();
+            let all = expected
+                .iter()
+                .all(|e| match sent.iter().position(|s| s == e) {
+                    Some(i) => {
+                        sent.swap_remove(i);
+                        true
+                    }
+                    None => false,
+                });
+            all.then_some(())
+        })
+        .await;
+        let writes = self.settled_writes(op, mark).await;
         let mut children: Vec<&str> = writes
             .iter()
             .map(String::as_str)

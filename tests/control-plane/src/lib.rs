@@ -134,6 +134,24 @@ impl ControlPlane {
     /// dropped. Takes a few seconds. Panics, saying how to build it, when the binaries are
     /// missing.
     pub fn start() -> ControlPlane {
+        // Its ports are found free, then bound by the processes: in between, something else
+        // of the test process (a server on a port of its own choosing) may take one. A process
+        // that exits while starting is retried on new ports, twice.
+        for attempt in 1.. {
+            match std::panic::catch_unwind(ControlPlane::start_once) {
+                Ok(plane) => return plane,
+                Err(e) if attempt < 3 && panic_text(&*e).contains("exited") => {
+                    eprintln!(
+                        "control plane: a process exited while starting; again on other ports"
+                    );
+                }
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    fn start_once() -> ControlPlane {
         let bin = binaries();
         assert!(
             installed(),
@@ -497,6 +515,15 @@ impl Drop for ControlPlane {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The message of a panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 fn tail(text: &str) -> &str {
