@@ -43,6 +43,11 @@ impl Ready {
         // An error means the watch is gone, and the operator with it: nothing to wait for.
         let _ = self.0.clone().wait_for(|ready| *ready).await;
     }
+
+    /// Whether the first listing is complete.
+    pub fn is_ready(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 /// One kind's cache, the version it is watched at, and whether it is filled.
@@ -87,8 +92,14 @@ impl Caches {
             .touched_objects()
     }
 
-    /// Waits until every cache holds its first complete listing.
-    pub async fn ready(&self) {
+    /// Waits until every cache holds its first complete listing, at most `limit`: a watch
+    /// that cannot list (a kind the operator may not list, say) must not stall every
+    /// reconcile; its kind is listed directly meanwhile (see [`children`](Self::children)).
+    pub async fn ready(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, self.all_ready()).await;
+    }
+
+    async fn all_ready(&self) {
         let ready: Vec<Ready> = self
             .stores
             .read()
@@ -107,7 +118,7 @@ impl Caches {
     }
 
     /// The cached children of kind `kind` of the Celery resource `instance` in `ns`; `None`
-    /// when the kind is not cached.
+    /// when the kind is not cached, or its cache has not listed everything yet.
     pub fn children(
         &self,
         kind: ChildKind,
@@ -115,7 +126,7 @@ impl Caches {
         instance: &str,
     ) -> Option<Vec<Arc<DynamicObject>>> {
         let stores = self.stores.read().expect("caches lock");
-        let (_, store, _) = stores.get(&kind)?;
+        let (_, store, _) = stores.get(&kind).filter(|(_, _, ready)| ready.is_ready())?;
         Some(
             store
                 .state()
@@ -128,11 +139,85 @@ impl Caches {
         )
     }
 
-    /// The cached object `ns/name` of kind `kind`: `None` when the kind is not cached,
-    /// `Some(None)` when the cache has no such object.
+    /// The cached object `ns/name` of kind `kind`: `None` when the kind is not cached (or not
+    /// listed yet), `Some(None)` when the cache has no such object.
     pub fn get(&self, kind: ChildKind, ns: &str, name: &str) -> Option<Option<Arc<DynamicObject>>> {
         let stores = self.stores.read().expect("caches lock");
-        let (ar, store, _) = stores.get(&kind)?;
+        let (ar, store, _) = stores.get(&kind).filter(|(_, _, ready)| ready.is_ready())?;
         Some(store.get(&ObjectRef::new_with(name, ar.clone()).within(ns)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use kube::api::ObjectMeta;
+
+    fn deployment(name: &str) -> DynamicObject {
+        let ar = ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&());
+        let mut obj = DynamicObject::new(name, &ar).within("apps");
+        obj.metadata = ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("apps".into()),
+            labels: Some([(labels::INSTANCE.to_string(), "shop".to_string())].into()),
+            managed_fields: Some(vec![Default::default()]),
+            ..Default::default()
+        };
+        obj
+    }
+
+    #[tokio::test]
+    async fn a_cache_is_used_only_once_it_listed_everything() {
+        let caches = Caches::default();
+        let ar = ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&());
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut stream = Box::pin(caches.watch(ChildKind::Deployment, &ar, rx));
+        tx.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+        tx.unbounded_send(Ok(watcher::Event::InitApply(deployment("shop-beat"))))
+            .unwrap();
+        tx.unbounded_send(Ok(watcher::Event::InitApply(deployment("other"))))
+            .unwrap();
+        // Both objects reached the cache, but the listing is not complete: not used (the kind
+        // is listed directly), and waiting for it ends at its limit.
+        for _ in 0..2 {
+            stream.next().await.unwrap().unwrap();
+        }
+        caches.ready(std::time::Duration::from_millis(10)).await;
+        assert!(
+            caches
+                .children(ChildKind::Deployment, "apps", "shop")
+                .is_none()
+        );
+        assert!(
+            caches
+                .get(ChildKind::Deployment, "apps", "shop-beat")
+                .is_none()
+        );
+
+        tx.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        drop(tx);
+        while stream.next().await.is_some() {}
+        caches.ready(std::time::Duration::from_secs(5)).await;
+        let children = caches
+            .children(ChildKind::Deployment, "apps", "shop")
+            .unwrap();
+        assert_eq!(children.len(), 2, "both carry the instance label");
+        let cached = caches
+            .get(ChildKind::Deployment, "apps", "shop-beat")
+            .unwrap()
+            .unwrap();
+        assert!(cached.metadata.managed_fields.is_none(), "slimmed");
+        assert!(
+            caches
+                .get(ChildKind::Deployment, "apps", "gone")
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            caches
+                .children(ChildKind::Service, "apps", "shop")
+                .is_none()
+        );
     }
 }

@@ -41,6 +41,8 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between retries of a resource that keeps failing.
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Longest a reconcile waits for the watch caches' first listing before it lists directly.
+const CACHE_WAIT: Duration = Duration::from_secs(10);
 /// How often the state of deleted resources is dropped.
 const FORGET_EVERY: Duration = Duration::from_secs(10);
 
@@ -207,7 +209,7 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
         .flat_map(|p| p.children.iter().map(|c| c.kind))
         .collect();
     let served = ctx.served.current(&ctx.client, needed).await;
-    ctx.caches.ready().await;
+    ctx.caches.ready(CACHE_WAIT).await;
     let live = apply::live_children(&ctx.client, &ctx.caches, &served, &ns, &name).await?;
     let on_write = |kind: ChildKind, operation| {
         let labels = WriteLabels {

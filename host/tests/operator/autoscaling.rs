@@ -151,6 +151,25 @@ async fn until_scaling(
     .await
 }
 
+/// A Redis broker, an operator and resource `shop` with [`queue_spec`]`(window)`, once its
+/// pool's Deployment exists.
+async fn queue_pool(cluster: &Cluster, window: Option<u32>) -> (Redis, Operator) {
+    let (redis, op) = apply_queue_pool(cluster, window).await;
+    until_deployment(cluster, &op).await;
+    (redis, op)
+}
+
+/// A Redis broker, an operator and resource `shop` with [`queue_spec`]`(window)`, applied.
+async fn apply_queue_pool(cluster: &Cluster, window: Option<u32>) -> (Redis, Operator) {
+    let redis = Redis::start();
+    cluster.secret(&redis.url()).await;
+    let op = cluster.operator("operator", &[]);
+    cluster
+        .apply_celery(&cluster.celery("shop", &queue_spec(window)))
+        .await;
+    (redis, op)
+}
+
 /// Replicas of the pool's Deployment.
 async fn jobs_replicas(cluster: &Cluster) -> Option<i32> {
     cluster
@@ -203,13 +222,7 @@ async fn redis_cmd(url: &str, args: &[&str]) {
 /// scaling resumes (one `ScalingResumed` Event). Three `Scaled` Events and decision metrics
 /// say the same; the chart's RBAC allows every request of the scaler.
 async fn queue_length_backlog(cluster: &Cluster) {
-    let redis = Redis::start();
-    cluster.secret(&redis.url()).await;
-    let op = cluster.operator("operator", &[]);
-    cluster
-        .apply_celery(&cluster.celery("shop", &queue_spec(Some(5))))
-        .await;
-    until_deployment(cluster, &op).await;
+    let (redis, op) = queue_pool(cluster, Some(5)).await;
 
     let backlog: Vec<String> = (0..40).map(|i| format!("task-{i}")).collect();
     let push = |n: usize| {
@@ -345,13 +358,7 @@ async fn a_queue_length_pool_follows_its_redis_backlog_on_the_real_control_plane
 /// leader) with the queue empty keeps the scale-down window the first one started, and does
 /// not drop the pool to min.
 async fn restart_keeps_the_window(cluster: &Cluster) {
-    let redis = Redis::start();
-    cluster.secret(&redis.url()).await;
-    let op = cluster.operator("operator", &[]);
-    cluster
-        .apply_celery(&cluster.celery("shop", &queue_spec(None)))
-        .await;
-    until_deployment(cluster, &op).await;
+    let (redis, op) = queue_pool(cluster, None).await;
     let backlog: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
     let mut args = vec!["RPUSH", "jobs"];
     args.extend(backlog.iter().map(String::as_str));
@@ -402,12 +409,7 @@ async fn a_restarted_operator_keeps_the_scale_down_window_on_the_real_control_pl
 /// last good plugin answers) goes with the resource: the gauges fall back to zero after a
 /// delete, and the loop stops sampling the broker.
 async fn state_goes_with_the_resource(cluster: &Cluster) {
-    let redis = Redis::start();
-    cluster.secret(&redis.url()).await;
-    let op = cluster.operator("operator", &[]);
-    cluster
-        .apply_celery(&cluster.celery("shop", &queue_spec(None)))
-        .await;
+    let (_redis, op) = apply_queue_pool(cluster, None).await;
     let kept = |resources: f64, loops: f64| {
         op.metric("celery_operator_tracked_resources") == resources
             && op.metric("celery_operator_scaler_loops") == loops
