@@ -240,7 +240,7 @@ pub async fn live_children(
     let mut live = LiveObjects::new();
     for kind in served.kinds() {
         let objects = match caches.children(kind, ns, name) {
-            Some(cached) => cached.iter().map(|o| (**o).clone()).collect(),
+            Some(cached) => cached.iter().map(|o| o.0.clone()).collect(),
             None => {
                 let ar = served.get(kind).expect("a served kind");
                 api(client, ns, ar).list(&params).await?.items

@@ -53,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let runtime = Arc::new(Runtime::new(config.limits, config.compiler));
     let registry = Arc::new(Registry::with_builtins(runtime)?);
     let plugins = Arc::new(Plugins::new(registry, config.plugins));
-    reconcile::wait_for_crd(&client, config.namespace.as_deref()).await;
+    reconcile::wait_for_crd(&client).await;
     ready.store(true, Ordering::Relaxed);
     let elector = match config.leader_election_namespace {
         None => None,

@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, store::Writer};
@@ -19,7 +19,7 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, Applied, ApplyTo, ServedKinds};
-use crate::cache::{Caches, Ready};
+use crate::cache::{Cached, Caches, Ready, Slim, watch_config};
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
 use crate::events::Publisher;
@@ -436,7 +436,7 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
-    let celeries: Api<Celery> = api(&client, &namespace);
+    let celeries: Api<Slim<Celery>> = api(&client, &namespace);
 
     let (plugins_changed, reconcile_all) = futures::channel::mpsc::unbounded::<()>();
     match plugin_namespace {
@@ -466,12 +466,13 @@ pub async fn run(
         None => info!("no plugin namespace set: plugins come from the built-ins only"),
     }
 
-    // The resources, cached without their managed fields (nothing reads them).
+    // The resources, read without their managed fields (nothing reads them).
     let writer = Writer::<Celery>::default();
     let store = writer.as_reader();
-    let (events, listed) = Ready::track(watcher(celeries, watcher::Config::default()));
+    let (events, listed) = Ready::track(watcher(celeries, watch_config()));
     let resources = events
-        .modify(|c: &mut Celery| c.metadata.managed_fields = None)
+        .inspect_err(|e| warn!(error = %e, "cannot watch Celery resources; retrying"))
+        .map_ok(Slim::unwrap_events)
         .reflect(writer)
         .default_backoff()
         .applied_objects();
@@ -480,11 +481,11 @@ pub async fn run(
     // is repaired at once, and reconciles read children from the caches. A kind served only
     // later (KEDA installed after the operator) is listed by each reconcile and repaired by
     // the periodic resync until the next restart.
-    let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
+    let owned = watch_config().labels(&format!("{}={MANAGER}", labels::MANAGED_BY));
     let served = ctx.served.current(&client, []).await;
     for kind in served.kinds() {
         let ar = served.get(kind).expect("a served kind").clone();
-        let children: Api<DynamicObject> = match &namespace {
+        let children: Api<Cached> = match &namespace {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
             None => Api::all_with(client.clone(), &ar),
         };
@@ -532,22 +533,21 @@ async fn forget_deleted(ctx: Arc<Context>, store: reflector::Store<Celery>, list
     }
 }
 
-/// Blocks until Celery resources can be listed in `namespace` (or all namespaces), saying
-/// clearly why not in the meantime.
-pub async fn wait_for_crd(client: &Client, namespace: Option<&str>) {
-    let celeries: Api<Celery> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+/// Blocks until the API server serves Celery resources, saying clearly why not in the
+/// meantime. Asks discovery, which every client may read, rather than listing: the watch
+/// that follows lists them (and says so when it may not).
+pub async fn wait_for_crd(client: &Client) {
+    let api_version = Celery::api_version(&());
+    let plural = Celery::plural(&());
     loop {
-        match celeries.list(&ListParams::default().limit(1)).await {
-            Ok(_) => return,
-            Err(e) => {
-                error!(error = %e, "cannot list Celery resources; is the CRD installed? \
-                       (celery-operator crd | kubectl apply --server-side -f -)");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
+        let problem = match client.list_api_group_resources(&api_version).await {
+            Ok(served) if served.resources.iter().any(|r| r.name == plural) => return,
+            Ok(_) => format!("{api_version} is served without {plural}"),
+            Err(e) => e.to_string(),
+        };
+        error!(%problem, "Celery resources are not served; is the CRD installed? \
+               (celery-operator crd | kubectl apply --server-side -f -)");
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

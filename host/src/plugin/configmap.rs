@@ -109,7 +109,7 @@ pub async fn watch(
     initialized: impl FnOnce(),
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let config = watcher::Config::default().labels(PLUGIN_LABEL);
+    let config = crate::cache::watch_config().labels(PLUGIN_LABEL);
     let mut initialized = Some(initialized);
     let mut stream = watcher(api, config).default_backoff().boxed();
     loop {
