@@ -35,7 +35,7 @@ static SCHEMA: LazyLock<CompiledSchema> = LazyLock::new(|| compile_schema(&OPENA
 /// rule; all errors are reported at once, as the API server does.
 pub fn validate(celery: &Celery) -> Result<(), InvalidSpec> {
     let mut object = serde_json::to_value(celery).expect("a Celery resource serializes");
-    let mut errors = test_apiserver::schema::check(&mut object, &OPENAPI)
+    let mut errors = memory_apiserver::schema::check(&mut object, &OPENAPI)
         .err()
         .unwrap_or_default();
     if let Err(rules) = Validator::new().validate_compiled(&SCHEMA, &object, None) {

@@ -1,6 +1,6 @@
 //! The operator binary as users run it: a separate process, connected through a kubeconfig
 //! file to a cluster. Every scenario that needs no fault injection runs twice: against the
-//! in-memory test API server (`tests/apiserver`, fast, with fault injection) and against the
+//! in-memory test API server (`apiserver/`, fast, with fault injection) and against the
 //! real control plane of the test tier (`tests/control-plane`: kube-apiserver with RBAC, etcd,
 //! the controller manager), where the operator authenticates as the Helm chart's
 //! ServiceAccount and what it sent is read from the audit log. The test plays the kubelet.

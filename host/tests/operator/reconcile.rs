@@ -3,8 +3,8 @@
 //! it succeeds.
 
 use kube::api::{Patch, PatchParams};
+use memory_apiserver::Faults;
 use serde_json::json;
-use test_apiserver::Faults;
 
 use super::{CHILD_RESOURCES, SPEC};
 use crate::support::cluster::{Cluster, LONG, Operator, wait};

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use test_apiserver::Faults;
+use memory_apiserver::Faults;
 
 use super::{SPEC, fast_replicas};
 use crate::support::cluster::{Cluster, LONG, wait};

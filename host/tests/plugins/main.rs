@@ -1471,7 +1471,7 @@ fn keda_objects_are_valid_for_kedas_crds() {
         for object in &out {
             let (_, schema) = schemas.iter().find(|(k, _)| object["kind"] == *k).unwrap();
             let mut checked = object.clone();
-            test_apiserver::schema::check(&mut checked, schema)
+            memory_apiserver::schema::check(&mut checked, schema)
                 .unwrap_or_else(|e| panic!("{name}: {e:?}"));
             assert_eq!(
                 &checked, object,

@@ -1,6 +1,6 @@
 //! The clusters the operator's integration tests run against, behind one interface:
 //!
-//! - [`Cluster::in_memory`]: the in-repo test API server (`tests/apiserver`): fast, with
+//! - [`Cluster::in_memory`]: the in-repo test API server (`apiserver/`): fast, with
 //!   fault injection, no authentication (the operator's requests are told from the test's
 //!   own by the token in its kubeconfig);
 //! - [`Cluster::real`]: the real control plane of the test tier (`tests/control-plane`: etcd,
@@ -26,8 +26,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::discovery::{ApiResource, Scope};
 use kube::{Client, Config, ResourceExt};
+use memory_apiserver::ApiServer;
 use serde_json::{Value, json};
-use test_apiserver::ApiServer;
 use test_control_plane::{AuditEvent, ControlPlane};
 
 use super::{free_port, tempdir};
@@ -174,7 +174,7 @@ impl Sent {
     }
 
     /// A request of the in-memory server, with the verb the authorizer would see.
-    fn in_memory(r: &test_apiserver::Request) -> Sent {
+    fn in_memory(r: &memory_apiserver::Request) -> Sent {
         let named = Sent::new("get", &r.path, 0, false)
             .target()
             .is_some_and(|t| t.name.is_some());

@@ -1,12 +1,12 @@
-//! A Kubernetes API server for tests, in memory, on 127.0.0.1: enough of the API for the real
+//! A Kubernetes API server in memory, on 127.0.0.1 (the sandbox's and the tests'): enough of the API for the real
 //! `kube::Client` and kube-runtime's `Controller` to run unchanged against it. See
-//! `tests/apiserver/README.md` for what it emulates and where it approximates.
+//! `apiserver/README.md` for what it emulates and where it approximates.
 //!
 //! ```no_run
 //! # async fn demo() {
-//! let mut server = test_apiserver::ApiServer::start().await;
+//! let mut server = memory_apiserver::ApiServer::start().await;
 //! server.write_kubeconfig(std::path::Path::new("/tmp/kubeconfig"));
-//! server.set_faults(test_apiserver::Faults { error_share: 0.1, ..Default::default() });
+//! server.set_faults(memory_apiserver::Faults { error_share: 0.1, ..Default::default() });
 //! server.stop().await;      // connections and watches drop, the port refuses
 //! server.restart().await;   // same port, same objects
 //! # }

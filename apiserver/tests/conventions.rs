@@ -13,8 +13,8 @@ use kube::api::{
 use kube::core::{DynamicObject, GroupVersionKind};
 use kube::discovery::ApiResource;
 use kube::{Client, Config, Discovery};
+use memory_apiserver::{ApiServer, Faults};
 use serde_json::json;
-use test_apiserver::{ApiServer, Faults};
 
 async fn client(server: &ApiServer) -> Client {
     let dir = std::env::temp_dir().join(format!(

@@ -262,7 +262,7 @@ fn route(
         if segs == ["version"] {
             return full(
                 StatusCode::OK,
-                &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-test-apiserver", "platform": "linux/amd64"}),
+                &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-memory-apiserver", "platform": "linux/amd64"}),
             );
         }
     }
