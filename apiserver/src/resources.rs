@@ -27,6 +27,8 @@ pub struct ResourceType {
     pub generation: bool,
     /// The OpenAPI v3 schema of a custom resource, for validation, pruning and list-map keys.
     pub schema: Option<Arc<Value>>,
+    /// Short names in discovery (`kubectl get deploy`, `kubectl get cel`).
+    pub short_names: Vec<String>,
 }
 
 impl ResourceType {
@@ -58,6 +60,28 @@ fn builtin(
         scale: plural == "deployments",
         generation: status,
         schema: None,
+        short_names: builtin_short_names(plural)
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+    }
+}
+
+/// Kubernetes' short names of the built-in kinds served here.
+fn builtin_short_names(plural: &str) -> &'static [&'static str] {
+    match plural {
+        "namespaces" => &["ns"],
+        "configmaps" => &["cm"],
+        "services" => &["svc"],
+        "pods" => &["po"],
+        "events" => &["ev"],
+        "serviceaccounts" => &["sa"],
+        "deployments" => &["deploy"],
+        "poddisruptionbudgets" => &["pdb"],
+        "ingresses" => &["ing"],
+        "horizontalpodautoscalers" => &["hpa"],
+        "customresourcedefinitions" => &["crd", "crds"],
+        _ => &[],
     }
 }
 
@@ -145,6 +169,12 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, String> {
             scale: false,
             generation: true,
             schema: v["schema"].get("openAPIV3Schema").cloned().map(Arc::new),
+            short_names: spec["names"]["shortNames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str().map(String::from))
+                .collect(),
         })
         .collect())
 }
@@ -158,8 +188,12 @@ pub fn discovery(types: &[ResourceType], path: &[&str]) -> Option<Value> {
         if t.plural != "namespaces" {
             verbs.push("deletecollection");
         }
-        json!({"name": t.plural, "singularName": t.kind.to_lowercase(), "namespaced": t.namespaced,
-               "kind": t.kind, "verbs": verbs})
+        let mut r = json!({"name": t.plural, "singularName": t.kind.to_lowercase(),
+                           "namespaced": t.namespaced, "kind": t.kind, "verbs": verbs});
+        if !t.short_names.is_empty() {
+            r["shortNames"] = json!(t.short_names);
+        }
+        r
     };
     let sub = |t: &ResourceType, name: &str, kind: &str| {
         json!({"name": format!("{}/{name}", t.plural), "singularName": "", "namespaced": t.namespaced,
@@ -218,5 +252,42 @@ pub fn discovery(types: &[ResourceType], path: &[&str]) -> Option<Value> {
         }
         ["apis", group, version] => list(group, version),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_lists_short_names() {
+        let mut types = builtins();
+        let crd = json!({
+            "metadata": {"name": "celeries.celeryproject.org"},
+            "spec": {"group": "celeryproject.org", "scope": "Namespaced",
+                     "names": {"plural": "celeries", "kind": "Celery", "shortNames": ["cel"]},
+                     "versions": [{"name": "v1alpha1", "served": true}]},
+        });
+        types.extend(from_crd(&crd).unwrap());
+        let short = |path: &[&str], name: &str| {
+            let list = discovery(&types, path).unwrap();
+            let r = list["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["name"] == name)
+                .unwrap()
+                .clone();
+            r.get("shortNames").cloned()
+        };
+        assert_eq!(
+            short(&["apis", "apps", "v1"], "deployments"),
+            Some(json!(["deploy"]))
+        );
+        assert_eq!(short(&["api", "v1"], "secrets"), None);
+        assert_eq!(
+            short(&["apis", "celeryproject.org", "v1alpha1"], "celeries"),
+            Some(json!(["cel"]))
+        );
     }
 }

@@ -75,6 +75,49 @@ enum Command {
     /// Check, run and pack WebAssembly plugins offline.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Run the operator scaling real Celery workers on this machine, with no cluster: an
+    /// in-memory API server, redis-server, the operator, and pods run as local processes;
+    /// sends a scenario's tasks, shows the pool live, and writes a report.
+    Sandbox(SandboxArgs),
+}
+
+/// The sandbox's scenario and where things are.
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// The shape of the load (ignored with --trace).
+    #[arg(long, value_enum, default_value_t = crate::sandbox::load::Profile::Burst)]
+    profile: crate::sandbox::load::Profile,
+    /// A CSV trace of the load instead: a header, then `second,tasks,task_seconds` lines.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 60)]
+    duration: u32,
+    /// Tasks per second, on average over the duration.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Seconds each task works.
+    #[arg(long, default_value_t = 10.0)]
+    task_seconds: f64,
+    /// The Celery resource to run.
+    #[arg(long, default_value = "examples/sandbox/celery.yaml")]
+    resource: PathBuf,
+    /// The Celery app's directory (with `send.py`): the pods' working directory.
+    #[arg(long, default_value = "examples/sandbox")]
+    app_dir: PathBuf,
+    /// The Python virtualenv with Celery (default: the one scripts/setup.sh makes).
+    #[arg(long, env = "SANDBOX_VENV")]
+    venv: Option<PathBuf>,
+    /// Where the report and the logs go.
+    #[arg(long, default_value = "sandbox-report")]
+    out: PathBuf,
+    /// Also simulate KEDA + HPA (defaults) on the same load and plot it beside the run.
+    #[arg(long, value_parser = ["keda"])]
+    compare: Option<String>,
+    /// The longest to wait, after the load, for every task to complete and the pool to
+    /// scale back down, in seconds.
+    #[arg(long, default_value_t = 600)]
+    settle_limit: u64,
 }
 
 #[derive(Subcommand)]
@@ -246,6 +289,7 @@ pub fn main() -> ExitCode {
         Command::Render { files } => render_files(&files),
         Command::Run(args) => run(args),
         Command::Plugin(command) => plugin(command),
+        Command::Sandbox(args) => sandbox(args),
         Command::Queues {
             broker,
             queues,
@@ -269,6 +313,79 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn sandbox(args: SandboxArgs) -> anyhow::Result<()> {
+    use crate::sandbox::{self, load::Trace};
+    let (trace, scenario) = match &args.trace {
+        Some(path) => {
+            let csv = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let trace: Trace = csv
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (trace, format!("trace {}", path.display()))
+        }
+        None => {
+            anyhow::ensure!(
+                args.rate.is_finite() && args.rate >= 0.0 && args.rate <= 10_000.0,
+                "--rate must be between 0 and 10000 tasks per second"
+            );
+            anyhow::ensure!(
+                args.task_seconds.is_finite() && (0.0..=3600.0).contains(&args.task_seconds),
+                "--task-seconds must be between 0 and 3600"
+            );
+            let trace = args
+                .profile
+                .trace(args.duration, args.rate, args.task_seconds);
+            (trace, args.profile.to_string())
+        }
+    };
+    let venv = match args.venv {
+        Some(v) => v,
+        None => std::env::var_os("CELERY_OPERATOR_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/celery-operator"))
+            })
+            .context("no --venv and no HOME")?
+            .join("venv"),
+    };
+    // The terminal shows the live view; the sandbox's own log (its kubelet's) goes to a file.
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let log = std::fs::File::create(args.out.join("sandbox.log"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false)
+        .init();
+    let options = sandbox::Options {
+        resource: args.resource,
+        app_dir: std::fs::canonicalize(&args.app_dir)
+            .with_context(|| format!("app directory {}", args.app_dir.display()))?,
+        venv,
+        operator: std::env::current_exe().context("finding this binary")?,
+        trace,
+        scenario,
+        out: args.out,
+        compare_keda: args.compare.is_some(),
+        settle_limit: Duration::from_secs(args.settle_limit),
+    };
+    let outcome = tokio::runtime::Runtime::new()?.block_on(sandbox::run(options))?;
+    let a = outcome.accounting;
+    println!(
+        "sandbox: {} tasks sent, {} completed, {} lost, {} run more than once; report: {}",
+        a.sent,
+        a.completed,
+        a.lost,
+        a.run_more_than_once,
+        outcome.report.display()
+    );
+    anyhow::ensure!(a.lost == 0, "{} tasks were lost", a.lost);
+    Ok(())
 }
 
 fn print_crd() -> anyhow::Result<()> {

@@ -10,6 +10,8 @@
 //! Two words to keep apart: an *autoscaler* plugin emits the objects that scale a pool (an
 //! HPA, a KEDA ScaledObject) once per reconcile; a *scaler* plugin decides a pool's replicas
 //! on every tick of the operator's own scaler loop. See [`plugin::choice`].
+//!
+//! [`sandbox`] runs all of it on one machine, with no cluster: the `sandbox` command.
 
 pub mod apply;
 pub mod broker;
@@ -31,6 +33,7 @@ pub mod quantity;
 pub mod rbac;
 pub mod reconcile;
 pub mod render;
+pub mod sandbox;
 pub mod scaler;
 pub mod shape;
 pub mod state;

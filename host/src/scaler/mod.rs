@@ -9,7 +9,7 @@ mod decide;
 pub mod limits;
 pub mod report;
 
-pub use decide::{HoldCause, PoolScaler, Verdict};
+pub use decide::{HoldCause, PoolScaler, Verdict, target_per_replica};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};

@@ -1,11 +1,13 @@
 //! The brokers for real: the Redis and RabbitMQ probes against real servers filled by the real
 //! Celery client and drained by real Celery workers (`redis_probe`, `rabbitmq_probe`), and the
 //! generated worker command line shutting down mid-task without losing one
-//! (`worker_shutdown`).
+//! (`worker_shutdown`), and the sandbox end to end: the operator scaling real workers
+//! (`sandbox`).
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod rabbitmq_probe;
 mod redis_probe;
+mod sandbox;
 mod worker_shutdown;
