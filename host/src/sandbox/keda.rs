@@ -246,7 +246,11 @@ impl Simulation {
 /// The comparison's paragraph in the report.
 pub fn summary(sim: &Simulation, samples: &[Sample], total: u64) -> String {
     let real = super::report::reaction(samples);
-    let first_backlog = sim.steps.iter().find(|s| s.queued > 0).map(|s| s.t);
+    let first_backlog = sim
+        .steps
+        .iter()
+        .find(|s| s.queued + s.reserved > 0)
+        .map(|s| s.t);
     let start = sim.steps.first().map_or(0, |s| s.ready);
     let first_up = first_backlog.and_then(|t0| {
         sim.steps

@@ -85,12 +85,18 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         .first()
         .context("the Celery resource has no worker pool")?
         .clone();
-    let queue = pool
-        .queues
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "celery".into());
+    let queue = queues_of(&pool)[0].clone();
     let deployment = crate::names::worker_name(&celery, &pool.name);
+    let pools: Vec<Pool> = celery
+        .spec
+        .workers
+        .iter()
+        .map(|p| Pool {
+            name: p.name.clone(),
+            deployment: crate::names::worker_name(&celery, &p.name),
+            queues: queues_of(p),
+        })
+        .collect();
     let python = options.venv.join("bin/python");
     if !python.exists() {
         bail!(
@@ -127,6 +133,10 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     let kubelet = tokio::spawn(kubelet.run(stopped));
 
     let mut broker = redis.client().await?;
+    // The broker as the operator reads it: the same probe, the same layout.
+    let probe = crate::broker::Probe::for_broker(&broker_url, &celery.spec.broker)
+        .await
+        .map_err(|e| anyhow::anyhow!("probing the sandbox's Redis: {e}"))?;
     let mut sender = services::sender(
         &python,
         &options.app_dir,
@@ -140,8 +150,8 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     // the sandbox starting.
     let started = Instant::now();
     loop {
-        let s = sample(&mut broker, &deployments, &deployment, &queue, 0.0).await;
-        if s.ready > 0 {
+        let looks = look(&probe, &mut broker, &deployments, &pools, 0.0).await;
+        if looks[0].ready > 0 {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {
@@ -174,7 +184,8 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             }
             next_second += 1;
         }
-        let s = sample(&mut broker, &deployments, &deployment, &queue, t).await;
+        let looks = look(&probe, &mut broker, &deployments, &pools, t).await;
+        let s = looks[0];
         let failed = services::count(&mut broker, "sandbox:failed").await;
         samples.push(s);
         let sending = next_second < load_seconds;
@@ -194,7 +205,8 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             0.8 + 0.2 * (s.done as f64 / total.max(1) as f64)
         };
         let too_long = settle_start.is_some_and(|s0| t - s0 > options.settle_limit.as_secs_f64());
-        let frame = view::frame(&pool.name, &s, failed, progress, phase);
+        let rows: Vec<(&str, Sample)> = pools.iter().map(|p| p.name.as_str()).zip(looks).collect();
+        let frame = view::frame(&rows, failed, progress, phase);
         view.show(&frame, t, settled || too_long);
         if settled {
             break;
@@ -295,29 +307,54 @@ async fn install(client: &Client, celery: &Celery, broker_url: &str) -> anyhow::
     Ok(())
 }
 
-/// One look at the pool: its queue in the broker, its Deployment, the tasks' accounting.
-async fn sample(
+/// A pool as the sandbox shows it.
+struct Pool {
+    name: String,
+    deployment: String,
+    queues: Vec<String>,
+}
+
+/// The queues a pool's workers consume (Celery's default queue when none is set).
+fn queues_of(pool: &crate::crd::WorkerPool) -> Vec<String> {
+    if pool.queues.is_empty() {
+        vec!["celery".into()]
+    } else {
+        pool.queues.clone()
+    }
+}
+
+/// One look at every pool: its queues in the broker, its Deployment, and the tasks sent and
+/// done so far (the same for every pool: they are the sandbox's).
+async fn look(
+    probe: &crate::broker::Probe,
     broker: &mut redis::aio::MultiplexedConnection,
     deployments: &Api<Deployment>,
-    deployment: &str,
-    queue: &str,
+    pools: &[Pool],
     t: f64,
-) -> Sample {
-    let (queued, reserved, sent, done) = services::broker_figures(broker, queue).await;
-    let (desired, ready) = match deployments.get_opt(deployment).await {
-        Ok(Some(d)) => (
-            d.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
-            d.status.and_then(|s| s.ready_replicas).unwrap_or(0).max(0) as u32,
-        ),
-        _ => (0, 0),
-    };
-    Sample {
-        t,
-        queued,
-        reserved,
-        desired,
-        ready,
-        sent,
-        done,
+) -> Vec<Sample> {
+    let all: Vec<String> = pools.iter().flat_map(|p| p.queues.clone()).collect();
+    let queues = probe.sample(&all).await.unwrap_or_default();
+    let (sent, done) = services::sent_and_done(broker).await;
+    let mut looks = Vec::new();
+    for pool in pools {
+        let mine = queues.iter().filter(|q| pool.queues.contains(&q.name));
+        let (queued, reserved) = mine.fold((0, 0), |(r, u), q| (r + q.ready, u + q.reserved));
+        let (desired, ready) = match deployments.get_opt(&pool.deployment).await {
+            Ok(Some(d)) => (
+                d.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
+                d.status.and_then(|s| s.ready_replicas).unwrap_or(0).max(0) as u32,
+            ),
+            _ => (0, 0),
+        };
+        looks.push(Sample {
+            t,
+            queued,
+            reserved,
+            desired,
+            ready,
+            sent,
+            done,
+        });
     }
+    looks
 }

@@ -50,7 +50,7 @@ pub fn reaction(samples: &[Sample]) -> Reaction {
     let Some(first) = samples.first() else {
         return Reaction::default();
     };
-    let start = samples.iter().find(|s| s.queued > 0);
+    let start = samples.iter().find(|s| s.backlog() > 0);
     let after = |t0: f64, f: &dyn Fn(&Sample) -> bool| {
         samples.iter().find(|s| s.t >= t0 && f(s)).map(|s| s.t - t0)
     };
@@ -234,7 +234,7 @@ pub fn markdown(
         "| {} | {} | **{}** | {} |\n",
         accounting.sent, accounting.completed, accounting.lost, accounting.run_more_than_once
     );
-    let _ = writeln!(out, "## Reaction\n");
+    let _ = writeln!(out, "## Reaction (sampled every 0.25 s)\n");
     let _ = writeln!(
         out,
         "- first backlog -> scale-up asked for: {}",

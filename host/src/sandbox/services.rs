@@ -130,14 +130,9 @@ pub fn sender(
         .context("starting the task sender")
 }
 
-/// Tasks waiting in `queue`, reserved by workers (kombu's `unacked` hash), sent and done.
-pub async fn broker_figures(
-    broker: &mut redis::aio::MultiplexedConnection,
-    queue: &str,
-) -> (u64, u64, u64, u64) {
-    let figures: redis::RedisResult<(u64, u64, u64, u64)> = redis::pipe()
-        .llen(queue)
-        .hlen("unacked")
+/// Tasks sent and done so far (zeros when Redis does not answer).
+pub async fn sent_and_done(broker: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
+    let figures: redis::RedisResult<(u64, u64)> = redis::pipe()
         .scard("sandbox:sent")
         .scard("sandbox:done")
         .query_async(broker)

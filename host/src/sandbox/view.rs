@@ -5,29 +5,38 @@ use std::fmt::Write as _;
 
 use super::report::Sample;
 
-/// One frame: the pool's figures and the scenario's progress.
-pub fn frame(pool: &str, s: &Sample, failed: u64, progress: f64, phase: &str) -> String {
+/// One frame: every pool's figures and the scenario's progress.
+pub fn frame(pools: &[(&str, Sample)], failed: u64, progress: f64, phase: &str) -> String {
     let width = 30;
     let filled = ((progress.clamp(0.0, 1.0)) * width as f64).round() as usize;
+    let t = pools.first().map_or(0.0, |p| p.1.t);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "celery-operator sandbox  {:>6.0} s  [{}{}] {:>3.0}%  {phase}",
-        s.t,
+        "celery-operator sandbox  {t:>6.0} s  [{}{}] {:>3.0}%  {phase}",
         "#".repeat(filled),
         ".".repeat(width - filled),
         progress * 100.0
     );
     let _ = writeln!(
         out,
-        "{:<12} {:>7} {:>9} {:>8} {:>6} {:>7} {:>7} {:>7}",
-        "pool", "queued", "reserved", "desired", "ready", "sent", "done", "failed"
+        "{:<12} {:>7} {:>9} {:>8} {:>6}",
+        "pool", "queued", "reserved", "desired", "ready"
     );
-    let _ = writeln!(
-        out,
-        "{:<12} {:>7} {:>9} {:>8} {:>6} {:>7} {:>7} {:>7}",
-        pool, s.queued, s.reserved, s.desired, s.ready, s.sent, s.done, failed
-    );
+    for (name, s) in pools {
+        let _ = writeln!(
+            out,
+            "{name:<12} {:>7} {:>9} {:>8} {:>6}",
+            s.queued, s.reserved, s.desired, s.ready
+        );
+    }
+    if let Some((_, s)) = pools.first() {
+        let _ = writeln!(
+            out,
+            "tasks: {} sent, {} done, {failed} failed",
+            s.sent, s.done
+        );
+    }
     out
 }
 
@@ -71,7 +80,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_frame_shows_the_pool_and_the_progress() {
+    fn a_frame_shows_every_pool_and_the_progress() {
         let s = Sample {
             t: 12.0,
             queued: 40,
@@ -81,13 +90,19 @@ mod tests {
             sent: 48,
             done: 0,
         };
-        let f = frame("work", &s, 1, 0.5, "sending");
+        let other = Sample {
+            queued: 1,
+            desired: 1,
+            ready: 1,
+            ..s
+        };
+        let f = frame(&[("work", s), ("mail", other)], 1, 0.5, "sending");
         let lines: Vec<&str> = f.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 5);
         assert!(lines[0].contains(&format!("[{}{}]  50%", "#".repeat(15), ".".repeat(15))));
-        assert_eq!(
-            lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["work", "40", "8", "6", "2", "48", "0", "1"]
-        );
+        let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(words(lines[2]), ["work", "40", "8", "6", "2"]);
+        assert_eq!(words(lines[3]), ["mail", "1", "8", "1", "1"]);
+        assert_eq!(lines[4], "tasks: 48 sent, 0 done, 1 failed");
     }
 }
