@@ -50,7 +50,6 @@ struct RunningPod {
     env: Vec<(String, String)>,
     started: Instant,
     ready: bool,
-    deletion_cost: i64,
     probe: Option<ProbeRun>,
     next_probe: Instant,
     failures: i32,
@@ -181,7 +180,9 @@ impl Kubelet {
         if pods.len() > want {
             // A ReplicaSet's choice of pods to remove: not ready first, then the lowest
             // deletion cost, then the newest. The pods to keep sort first.
-            pods.sort_by_key(|p| (!p.ready, -p.deletion_cost, p.started));
+            let costs = self.deletion_costs().await;
+            let cost = |p: &RunningPod| costs.get(&p.name).copied().unwrap_or(0);
+            pods.sort_by_key(|p| (!p.ready, -cost(p), p.started));
             for pod in pods.split_off(want) {
                 self.stop_pod(pod, grace).await;
             }
@@ -278,21 +279,39 @@ impl Kubelet {
             .and_then(|p| p.initial_delay_seconds)
             .unwrap_or(0)
             .max(0) as u64;
-        let mut pod = RunningPod {
+        let pod = RunningPod {
             name,
             template: template.to_string(),
             child,
             env,
             started: Instant::now(),
             ready: false,
-            deletion_cost: 0,
             probe: None,
             next_probe: Instant::now() + Duration::from_secs(delay),
             failures: 0,
             spec,
         };
-        self.report_pod(&mut pod).await;
+        self.report_pod(&pod).await;
         Ok(pod)
+    }
+
+    /// The `controller.kubernetes.io/pod-deletion-cost` of the namespace's Pods that have one.
+    async fn deletion_costs(&self) -> BTreeMap<String, i64> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let Ok(list) = pods.list(&ListParams::default()).await else {
+            return BTreeMap::new();
+        };
+        list.items
+            .iter()
+            .filter_map(|p| {
+                let cost = p
+                    .annotations()
+                    .get("controller.kubernetes.io/pod-deletion-cost")?
+                    .parse()
+                    .ok()?;
+                Some((p.name_any(), cost))
+            })
+            .collect()
     }
 
     /// The Secrets and ConfigMaps the container refers to (those that exist).
@@ -362,7 +381,7 @@ impl Kubelet {
         let _ = pods.delete(name, &DeleteParams::default()).await;
     }
 
-    async fn report_pod(&self, pod: &mut RunningPod) {
+    async fn report_pod(&self, pod: &RunningPod) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
         let ready = if pod.ready { "True" } else { "False" };
         let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
@@ -370,13 +389,6 @@ impl Kubelet {
         let _ = pods
             .patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(status))
             .await;
-        if let Ok(Some(p)) = pods.get_opt(&pod.name).await {
-            pod.deletion_cost = p
-                .annotations()
-                .get("controller.kubernetes.io/pod-deletion-cost")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-        }
     }
 
     /// Writes the Deployment's status when it changed.

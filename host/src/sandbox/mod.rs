@@ -85,7 +85,11 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         .first()
         .context("the Celery resource has no worker pool")?
         .clone();
-    let queue = queues_of(&pool)[0].clone();
+    let queue = pool
+        .queues
+        .first()
+        .cloned()
+        .context("the pool has no queue")?;
     let deployment = crate::names::worker_name(&celery, &pool.name);
     let pools: Vec<Pool> = celery
         .spec
@@ -94,7 +98,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         .map(|p| Pool {
             name: p.name.clone(),
             deployment: crate::names::worker_name(&celery, &p.name),
-            queues: queues_of(p),
+            queues: p.queues.clone(),
         })
         .collect();
     let python = options.venv.join("bin/python");
@@ -170,7 +174,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     let mut next_second = 0usize;
     let mut settle_start: Option<f64> = None;
-    let min_replicas = samples_min_replicas(&pool);
+    let floor = min_replicas(&pool);
     loop {
         let t = t0.elapsed().as_secs_f64();
         while next_second < load_seconds && next_second as f64 <= t {
@@ -189,8 +193,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         let failed = services::count(&mut broker, "sandbox:failed").await;
         samples.push(s);
         let sending = next_second < load_seconds;
-        let settled =
-            !sending && s.sent >= total && s.done + failed >= total && s.desired <= min_replicas;
+        let settled = !sending && s.sent >= total && s.done + failed >= total && s.desired <= floor;
         let phase = if sending {
             "sending"
         } else {
@@ -229,6 +232,17 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     operator.stop().await;
     drop(redis);
 
+    write_report(&options, &pool, samples, accounting)
+}
+
+/// Writes the report of a run (and, when asked, of its KEDA + HPA simulation).
+fn write_report(
+    options: &Options,
+    pool: &crate::crd::WorkerPool,
+    samples: Vec<Sample>,
+    accounting: Accounting,
+) -> anyhow::Result<Outcome> {
+    let out = &options.out;
     let reaction = report::reaction(&samples);
     let title = format!("{} load on pool {}", options.scenario, pool.name);
     let mut extra = Vec::new();
@@ -236,10 +250,10 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     if options.compare_keda {
         let sim = keda::simulate(
             &options.trace,
-            &keda::Pool::from_spec(&pool, &samples),
+            &keda::Pool::from_spec(pool, &samples),
             samples.last().map_or(0.0, |s| s.t),
         );
-        comparison = Some(keda::summary(&sim, &samples, total));
+        comparison = Some(keda::summary(&sim, &samples, options.trace.total_tasks()));
         extra = sim.series();
     }
     let svg = report::plot(&samples, &extra, &title).map_err(anyhow::Error::msg)?;
@@ -263,7 +277,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
 }
 
 /// The pool's least replicas: where it settles once the load is gone.
-fn samples_min_replicas(pool: &crate::crd::WorkerPool) -> u32 {
+fn min_replicas(pool: &crate::crd::WorkerPool) -> u32 {
     pool.autoscaling
         .as_ref()
         .map_or(pool.replicas.unwrap_or(1), |a| a.min_replicas)
@@ -312,15 +326,6 @@ struct Pool {
     name: String,
     deployment: String,
     queues: Vec<String>,
-}
-
-/// The queues a pool's workers consume (Celery's default queue when none is set).
-fn queues_of(pool: &crate::crd::WorkerPool) -> Vec<String> {
-    if pool.queues.is_empty() {
-        vec!["celery".into()]
-    } else {
-        pool.queues.clone()
-    }
 }
 
 /// One look at every pool: its queues in the broker, its Deployment, and the tasks sent and
