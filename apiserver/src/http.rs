@@ -31,7 +31,14 @@ pub(crate) async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // Closed with a reset, not a FIN: a connection cut by `stop` leaves no
+                    // FIN_WAIT2/TIME_WAIT socket behind on this port. On loopback a client's
+                    // next connections reuse the same source ports, and a SYN meeting such a
+                    // socket is refused for up to a minute after `restart`.
+                    let _ = stream.set_zero_linger();
+                    stream
+                }
                 Err(_) => continue,
             },
             _ = stop.changed() => return,

@@ -179,6 +179,22 @@ pub fn watch_config() -> watcher::Config {
     config
 }
 
+/// An error and every cause under it, `outer: inner: ...`: a watch that keeps failing says
+/// why (refused, timed out, forbidden), not only that it failed to connect.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// One kind's cache, the version it is watched at, and whether it is filled.
 type KindStore = (ApiResource, Store<Cached>, Ready);
 
@@ -204,7 +220,13 @@ impl Caches {
             .write()
             .expect("caches lock")
             .insert(kind, (ar.clone(), writer.as_reader(), ready));
-        events.reflect(writer).default_backoff().touched_objects()
+        events
+            .inspect_err(move |e| {
+                tracing::warn!(?kind, error = %causes(e), "cannot watch children; retrying")
+            })
+            .reflect(writer)
+            .default_backoff()
+            .touched_objects()
     }
 
     /// Waits until every cache holds its first complete listing, at most `limit`: a watch

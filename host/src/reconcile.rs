@@ -19,7 +19,7 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, Applied, ApplyTo, ServedKinds};
-use crate::cache::{Cached, Caches, Ready, Slim, watch_config};
+use crate::cache::{Cached, Caches, Ready, Slim, causes, watch_config};
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
 use crate::events::Publisher;
@@ -471,12 +471,13 @@ pub async fn run(
     let store = writer.as_reader();
     let (events, listed) = Ready::track(watcher(celeries, watch_config()));
     let resources = events
-        .inspect_err(|e| warn!(error = %e, "cannot watch Celery resources; retrying"))
+        .inspect_err(|e| warn!(error = %causes(e), "cannot watch Celery resources; retrying"))
         .map_ok(Slim::unwrap_events)
         .reflect(writer)
         .default_backoff()
         .applied_objects();
-    let mut controller = Controller::for_stream(resources, store.clone());
+    let mut controller =
+        Controller::for_stream(resources, store.clone()).trigger_backoff(EachWatchBacksOff);
     // Every child kind the cluster serves is watched and cached: a changed or deleted child
     // is repaired at once, and reconciles read children from the caches. A kind served only
     // later (KEDA installed after the operator) is listed by each reconcile and repaired by
@@ -516,6 +517,23 @@ pub async fn run(
         .await;
     forget.abort();
     info!("controller stopped");
+}
+
+/// The controller's backoff over all its watches at once: none. Each watch backs off on its
+/// own errors (`default_backoff` on every stream); kube's default here would put every
+/// watch to sleep for any one's errors, and after an API server outage, when all of them
+/// fail, the sleeps grow until changes wait minutes to be seen.
+struct EachWatchBacksOff;
+
+impl Iterator for EachWatchBacksOff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for EachWatchBacksOff {
+    fn reset(&mut self) {}
 }
 
 /// Drops, every little while, the state of the resources that are gone (their retry

@@ -117,7 +117,7 @@ pub async fn watch(
             Ok(Some(event)) => event,
             Ok(None) => return,
             Err(e) => {
-                warn!(error = %e, "watching plugin ConfigMaps failed; retrying");
+                warn!(error = %crate::cache::causes(&e), "watching plugin ConfigMaps failed; retrying");
                 continue;
             }
         };
