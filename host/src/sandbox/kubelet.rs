@@ -482,7 +482,7 @@ fn probe(pod: &mut RunningPod, runtime: &Runtime) {
             pod.ready = true;
         } else {
             pod.failures += 1;
-            if pod.failures >= spec.failure_threshold.unwrap_or(3) || !pod.ready {
+            if pod.failures >= spec.failure_threshold.unwrap_or(3) {
                 pod.ready = false;
             }
         }
