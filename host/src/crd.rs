@@ -532,7 +532,9 @@ pub struct ScalingBehavior {
 #[serde(rename_all = "camelCase")]
 pub struct ScalingRules {
     /// Seconds of past recommendations considered: scaling down goes no lower than the
-    /// highest of them, scaling up no higher than the lowest.
+    /// highest of them, scaling up no higher than the lowest. The HPA's window with the
+    /// `hpa` and `keda` autoscalers; the built-in `queue-length` scaler's too, unless its
+    /// settings set their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
     pub stabilization_window_seconds: Option<i32>,

@@ -102,6 +102,36 @@ fn time(ms: u64) -> Time {
     )
 }
 
+/// The settings the pool's scaler is called with: the pool's own and, for the built-in
+/// `queue-length`, the windows of `autoscaling.behavior` (the HPA's
+/// `stabilizationWindowSeconds`) where the settings do not set them, so that the field
+/// means the same for the operator's scaler as for an HPA. Other scalers get their settings
+/// as they are: they may refuse keys they do not know.
+fn scaler_settings(autoscaling: &Autoscaling, scaler: &str) -> String {
+    let own = autoscaling
+        .scaler
+        .as_ref()
+        .and_then(|s| s.settings.as_ref());
+    let (Some(behavior), true) = (&autoscaling.behavior, scaler == "queue-length") else {
+        return settings_text(own);
+    };
+    let mut settings = own.cloned().unwrap_or_else(|| serde_json::json!({}));
+    if let Some(settings) = settings.as_object_mut() {
+        let windows = [
+            (&behavior.scale_down, "scaleDownStabilizationSeconds"),
+            (&behavior.scale_up, "scaleUpStabilizationSeconds"),
+        ];
+        for (rules, key) in windows {
+            if let Some(window) = rules.as_ref().and_then(|r| r.stabilization_window_seconds) {
+                settings
+                    .entry(key)
+                    .or_insert_with(|| serde_json::json!(window.max(0)));
+            }
+        }
+    }
+    settings_text(Some(&settings))
+}
+
 /// The target tasks per replica of an autoscaling spec (its taskQueueLength averageValue).
 pub fn target_per_replica(autoscaling: &Autoscaling) -> Option<f64> {
     autoscaling
@@ -254,6 +284,7 @@ impl PoolScaler {
             autoscaling.min_replicas.max(0) as u32,
             autoscaling.max_replicas.max(0) as u32,
         );
+        let wanted = plugins.scaler_of(autoscaling);
         let input = ScalingInput {
             pool: pool.into(),
             now_ms,
@@ -263,14 +294,8 @@ impl PoolScaler {
             target_per_replica: target,
             samples: self.samples.iter().cloned().collect(),
             history: self.history.iter().cloned().collect(),
-            settings: settings_text(
-                autoscaling
-                    .scaler
-                    .as_ref()
-                    .and_then(|s| s.settings.as_ref()),
-            ),
+            settings: scaler_settings(autoscaling, &wanted.name),
         };
-        let wanted = plugins.scaler_of(autoscaling);
         let run = |r: &Resolved| plugins.registry.runtime().decide(&r.plugin, &input);
         // Keeping what runs, for a scaler, is holding the replicas.
         let (resolved, decision) = match policy::call(plugins, Role::Scaler, &wanted, None, run) {
@@ -416,6 +441,48 @@ mod tests {
         }
         let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 301_000);
         assert!(matches!(v, Verdict::Scale { to: 0, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn the_behavior_window_applies_to_queue_length_unless_its_settings_say() {
+        let p = plugins(FailurePolicy::KeepLastGood);
+        let with_behavior = |settings: serde_json::Value| {
+            let mut spec = autoscaling(0, 10);
+            spec.scaler = Some(
+                serde_json::from_value(
+                    serde_json::json!({"name": "queue-length", "settings": settings}),
+                )
+                .unwrap(),
+            );
+            spec.behavior = Some(
+                serde_json::from_value(serde_json::json!({
+                    "scaleDown": {"stabilizationWindowSeconds": 20,
+                                  "policies": [{"type": "Percent", "value": 100, "periodSeconds": 1}]}
+                }))
+                .unwrap(),
+            );
+            spec
+        };
+        const T0: u64 = 1_795_428_000_000;
+        // The behavior's 20 s window, where the settings are silent.
+        let spec = with_behavior(serde_json::json!({}));
+        let mut s = PoolScaler::default();
+        s.tick(&p, "w", &spec, queue(40, 0), 8, T0);
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 15_000);
+        assert!(matches!(v, Verdict::Keep { replicas: 8, .. }), "{v:?}");
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 21_000);
+        assert!(matches!(v, Verdict::Scale { to: 0, .. }), "{v:?}");
+        // The settings' own window wins.
+        let spec = with_behavior(serde_json::json!({"scaleDownStabilizationSeconds": 60}));
+        let mut s = PoolScaler::default();
+        s.tick(&p, "w", &spec, queue(40, 0), 8, T0);
+        let v = s.tick(&p, "w", &spec, queue(0, 0), 8, T0 + 21_000);
+        assert!(matches!(v, Verdict::Keep { replicas: 8, .. }), "{v:?}");
+        // Another scaler gets its settings untouched.
+        assert_eq!(
+            scaler_settings(&with_behavior(serde_json::json!({"x": 1})), "mine"),
+            r#"{"x":1}"#
+        );
     }
 
     #[test]
