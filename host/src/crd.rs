@@ -43,6 +43,7 @@ pub const GROUP: &str = "celeryproject.org";
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1", description = "Why the resource is (not) ready"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new("!has(self.celeryVersion) || self.celeryVersion.matches('^(5[.]([6-9]|[1-9][0-9]+)|([6-9]|[1-9][0-9]+)[.])') || self.workers.all(w, !has(w.disablePrefetch) || !w.disablePrefetch)").message("disablePrefetch needs Celery 5.6 or later, and celeryVersion is older"))]
 #[serde(rename_all = "camelCase")]
 pub struct CelerySpec {
     /// The Celery application instance, as given to `celery -A` (for example `proj.celery:app`
@@ -342,6 +343,24 @@ pub struct WorkerPool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_tasks_per_child: Option<i32>,
+
+    /// Replace a pool process once its resident memory passed this many KiB after a task
+    /// (`--max-memory-per-child`; prefork only). Default, for a prefork pool with a memory
+    /// limit and a concurrency: three quarters of the limit shared among the processes, so
+    /// a leaking process is replaced before the container is OOM-killed with every task in
+    /// it.
+    #[serde(
+        default,
+        rename = "maxMemoryPerChildKiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1))]
+    pub max_memory_per_child_kib: Option<i64>,
+
+    /// Take a task only when a process is free to run it (`--disable-prefetch`, Celery 5.6
+    /// or later): no task waits, reserved, behind a long one on a busy worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable_prefetch: Option<bool>,
 
     /// Hard time limit of a task in seconds (`--time-limit`). Also the floor of the
     /// termination grace period, so that scale-down never kills a task that may still finish.

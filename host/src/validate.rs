@@ -167,6 +167,11 @@ mod tests {
                 "    replicas: 3\n    rolloutStrategy: {type: Recreate, maxSurge: 1}\n",
                 "maxSurge and maxUnavailable apply only",
             ),
+            (
+                "    replicas: 3\n",
+                "    replicas: 3\n    disablePrefetch: true\n",
+                "disablePrefetch needs Celery 5.6 or later",
+            ),
         ];
         for (from, to, expected) in cases {
             assert!(FULL.contains(from), "test case does not apply: {from}");
@@ -176,6 +181,30 @@ mod tests {
                 "{expected:?} not in {err}"
             );
             assert_eq!(err.0.len(), 1, "only the broken rule fails: {err}");
+        }
+    }
+
+    #[test]
+    fn disable_prefetch_follows_the_celery_version() {
+        let with = |version: &str| {
+            let spec = FULL
+                .replacen(
+                    "celeryVersion: \"5.4\"",
+                    &format!("celeryVersion: \"{version}\""),
+                    1,
+                )
+                .replacen(
+                    "    replicas: 3\n",
+                    "    replicas: 3\n    disablePrefetch: true\n",
+                    1,
+                );
+            validate(&celery(&spec)).is_ok()
+        };
+        for ok in ["5.6", "5.6.0rc1", "5.10", "6.0", "10.1"] {
+            assert!(with(ok), "{ok}");
+        }
+        for old in ["5.5", "5.5.3", "4.4", "5"] {
+            assert!(!with(old), "{old}");
         }
     }
 

@@ -83,6 +83,10 @@ pub fn worker_args(celery: &Celery, pool: &WorkerPool) -> Vec<String> {
         pool.max_tasks_per_child.map(|v| v.to_string()),
     );
     opt(
+        "--max-memory-per-child",
+        max_memory_per_child_kib(pool).map(|v| v.to_string()),
+    );
+    opt(
         "--time-limit",
         pool.time_limit_seconds.map(|v| v.to_string()),
     );
@@ -90,12 +94,37 @@ pub fn worker_args(celery: &Celery, pool: &WorkerPool) -> Vec<String> {
         "--soft-time-limit",
         pool.soft_time_limit_seconds.map(|v| v.to_string()),
     );
+    if pool.disable_prefetch == Some(true) {
+        args.push("--disable-prefetch".into());
+    }
     if celery.spec.flower.as_ref().is_some_and(|f| f.enabled) {
         // Flower only sees task progress when workers send task events.
         args.push("--task-events".into());
     }
     args.extend(pool.args.iter().cloned());
     args
+}
+
+/// A prefork pool process's memory bound in KiB: the pool's, else three quarters of the
+/// container's memory limit over its processes (room for the main process, and for what a
+/// process grows during the task after which it is checked). None for other pools, which
+/// have no such processes, and without a limit or a concurrency to share it by.
+pub fn max_memory_per_child_kib(pool: &WorkerPool) -> Option<i64> {
+    if pool.pool.unwrap_or(PoolType::Prefork) != PoolType::Prefork {
+        return None;
+    }
+    if pool.max_memory_per_child_kib.is_some() {
+        return pool.max_memory_per_child_kib;
+    }
+    let limit = pool
+        .resources
+        .as_ref()?
+        .limits
+        .as_ref()?
+        .get("memory")
+        .and_then(|q| crate::quantity::parse(&q.0))?;
+    let processes = pool.concurrency.filter(|c| *c > 0)?;
+    Some(((limit * 0.75 / f64::from(processes)) / 1024.0).floor() as i64).filter(|k| *k > 0)
 }
 
 /// Seconds Kubernetes waits after SIGTERM before killing a worker pod.
@@ -332,6 +361,39 @@ mod tests {
         assert_eq!(
             d["spec"]["strategy"],
             json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "25%"}})
+        );
+    }
+
+    #[test]
+    fn memory_and_prefetch_guardrails() {
+        let pool = |extra: &str| -> WorkerPool {
+            serde_saphyr::from_str(&format!("{{name: w, concurrency: 4, {extra}}}")).unwrap()
+        };
+        let limited = "resources: {limits: {memory: 1Gi}}";
+        // Three quarters of 1 GiB over 4 processes, in KiB.
+        assert_eq!(max_memory_per_child_kib(&pool(limited)), Some(196_608));
+        assert_eq!(
+            max_memory_per_child_kib(&pool(&format!("{limited}, maxMemoryPerChildKiB: 1000"))),
+            Some(1000)
+        );
+        assert_eq!(
+            max_memory_per_child_kib(&pool(&format!("{limited}, pool: threads"))),
+            None
+        );
+        assert_eq!(
+            max_memory_per_child_kib(&pool("pool: prefork")),
+            None,
+            "no limit"
+        );
+        let celery = celery(FULL);
+        let args = worker_args(&celery, &pool(&format!("{limited}, disablePrefetch: true")));
+        let joined = args.join(" ");
+        assert!(joined.contains("--max-memory-per-child 196608"), "{joined}");
+        assert!(joined.contains("--disable-prefetch"), "{joined}");
+        let args = worker_args(&celery, &pool("disablePrefetch: false")).join(" ");
+        assert!(
+            !args.contains("prefetch") && !args.contains("memory"),
+            "{args}"
         );
     }
 }

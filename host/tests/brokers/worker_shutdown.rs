@@ -165,3 +165,46 @@ fn soft_shutdown_requeues_a_task_that_would_outlive_the_grace_period() {
     assert_eq!((started, finished), (1, 0), "the long task was interrupted");
     assert_eq!((ready, reserved), (3, 0), "and requeued with the other two");
 }
+
+#[test]
+fn the_guardrail_flags_run_on_this_celery() {
+    // disablePrefetch and the derived --max-memory-per-child, as generated, on the Celery of
+    // the test virtualenv: the worker starts, and takes only the task it runs.
+    let spec = SPEC
+        .replace("ENV", "[]")
+        .replace(
+            "prefetchMultiplier: 2",
+            "prefetchMultiplier: 2\n      disablePrefetch: true\n      resources: {limits: {memory: 512Mi}}",
+        );
+    let celery: Celery = serde_saphyr::from_str(&spec).unwrap();
+    let deployment = desired_children(&celery)
+        .into_iter()
+        .find(|c| c.name == "shop-worker-jobs")
+        .unwrap()
+        .object;
+    let container = deployment["spec"]["template"]["spec"]["containers"][0].clone();
+    let args = argv(&container).join(" ");
+    assert!(args.contains("--disable-prefetch"), "{args}");
+    // Three quarters of 512 MiB for one process, in KiB.
+    assert!(args.contains("--max-memory-per-child 393216"), "{args}");
+
+    let redis = Redis::start();
+    let url = redis.url();
+    let dir = tempdir::Dir::new("guardrails");
+    let file = dir.path().join("record.txt");
+    python(
+        &url,
+        &["send_record.py", "jobs", "3", file.to_str().unwrap(), "5"],
+    );
+    let worker = Worker::run(&url, &argv(&container), &[], &dir.path().join("worker.log"));
+    wait_until(Duration::from_secs(30), "a task runs", || {
+        !record(&file).0.is_empty()
+    });
+    // Without prefetch (concurrency 1): one task reserved (the running one), two waiting;
+    // with the pool's prefetch multiplier of 2 it would be two reserved.
+    for _ in 0..10 {
+        assert_eq!(truth(&url), (2, 1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    worker.terminate();
+}
