@@ -44,6 +44,8 @@ pub const GROUP: &str = "celeryproject.org";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("!has(self.celeryVersion) || self.celeryVersion.matches('^(5[.]([6-9]|[1-9][0-9]+)|([6-9]|[1-9][0-9]+)[.])') || self.workers.all(w, !has(w.disablePrefetch) || !w.disablePrefetch)").message("disablePrefetch needs Celery 5.6 or later, and celeryVersion is older"))]
+#[x_kube(validation = Rule::new("!has(self.celeryVersion) || self.celeryVersion.matches('^(5[.]([5-9]|[1-9][0-9]+)|([6-9]|[1-9][0-9]+)[.])') || self.workers.all(w, !has(w.shutdown) || w.shutdown != 'Soft')").message("shutdown: Soft needs Celery 5.5 or later, and celeryVersion is older"))]
+#[x_kube(validation = Rule::new("!has(self.broker.redis) || !has(self.broker.redis.visibilityTimeoutSeconds) || self.workers.all(w, (has(w.terminationGracePeriodSeconds) ? w.terminationGracePeriodSeconds : (has(w.timeLimitSeconds) ? w.timeLimitSeconds + 30 : 300)) < self.broker.redis.visibilityTimeoutSeconds)").message("broker.redis.visibilityTimeoutSeconds must be longer than every pool's termination grace period: Redis would hand a task still running to another worker, and it would run twice"))]
 #[serde(rename_all = "camelCase")]
 pub struct CelerySpec {
     /// The Celery application instance, as given to `celery -A` (for example `proj.celery:app`
@@ -196,6 +198,12 @@ pub struct RedisTransport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub priority_steps: Option<Vec<u32>>,
+    /// The app's `visibility_timeout` transport option, in seconds (kombu's default: 3600),
+    /// as declared here for validation: a task taken by a worker and not acknowledged within
+    /// it is handed to another worker, so it must outlast every pool's grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub visibility_timeout_seconds: Option<i64>,
 }
 
 /// How to reach RabbitMQ's management HTTP API.
@@ -299,6 +307,8 @@ impl PodOptions {
 /// One pool of Celery workers: a Deployment running `celery worker` on some queues.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.softShutdownTimeoutSeconds) && !has(self.softShutdownOnIdle) || has(self.shutdown) && self.shutdown == 'Soft'").message("softShutdownTimeoutSeconds and softShutdownOnIdle apply only with shutdown: Soft"))]
+#[x_kube(validation = Rule::new("!has(self.softShutdownTimeoutSeconds) || !has(self.terminationGracePeriodSeconds) || self.softShutdownTimeoutSeconds < self.terminationGracePeriodSeconds").message("softShutdownTimeoutSeconds must be less than terminationGracePeriodSeconds, or tasks are killed before they are requeued"))]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("replicas and autoscaling are mutually exclusive: when autoscaling is set, the autoscaler owns the replica count"))]
 #[x_kube(validation = Rule::new("!has(self.terminationGracePeriodSeconds) || !has(self.timeLimitSeconds) || self.terminationGracePeriodSeconds >= self.timeLimitSeconds").message("terminationGracePeriodSeconds must be at least timeLimitSeconds, or running tasks are killed on scale-down"))]
 #[x_kube(validation = Rule::new("!has(self.softTimeLimitSeconds) || !has(self.timeLimitSeconds) || self.softTimeLimitSeconds < self.timeLimitSeconds").message("softTimeLimitSeconds must be less than timeLimitSeconds"))]
@@ -380,6 +390,27 @@ pub struct WorkerPool {
     #[schemars(range(min = 0, max = 604800))]
     pub termination_grace_period_seconds: Option<i64>,
 
+    /// How a worker stops when its pod goes (scale-down, rollout). `Warm`, the default:
+    /// running tasks finish within the grace period. `Soft` (Celery 5.5 or later): running
+    /// tasks get `softShutdownTimeoutSeconds`, then go back to the broker (with
+    /// `acks_late`) before the grace period ends: for tasks that may outlive any grace
+    /// period. The operator sets `REMAP_SIGTERM=SIGQUIT` and the worker's
+    /// `soft_shutdown_timeout` on its command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown: Option<ShutdownMode>,
+
+    /// With `shutdown: Soft`: seconds running tasks get before they are requeued. Default:
+    /// the grace period less 10 s (at least 1 s), so that requeueing ends before the kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub soft_shutdown_timeout_seconds: Option<i64>,
+
+    /// With `shutdown: Soft`: use the soft shutdown also when no task runs
+    /// (`worker_enable_soft_shutdown_on_idle`), so that tasks waiting in the worker for an
+    /// ETA or countdown are requeued too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_shutdown_on_idle: Option<bool>,
+
     /// Extra arguments appended to `celery worker` (any option Celery supports).
     /// CEP field: `workerSpec.args`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -434,6 +465,15 @@ pub struct WorkerPool {
 
 fn default_queues() -> Vec<String> {
     vec!["celery".into()]
+}
+
+/// How a worker stops when its pod goes.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ShutdownMode {
+    /// Running tasks finish (Celery's warm shutdown on SIGTERM).
+    Warm,
+    /// Running tasks get a time limit, then are requeued (Celery 5.5's soft shutdown).
+    Soft,
 }
 
 /// Celery's execution pool implementation.

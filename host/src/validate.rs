@@ -172,6 +172,26 @@ mod tests {
                 "    replicas: 3\n    disablePrefetch: true\n",
                 "disablePrefetch needs Celery 5.6 or later",
             ),
+            (
+                "broker: {secretRef: {name: broker, key: url}}",
+                "broker: {secretRef: {name: broker, key: url}, redis: {visibilityTimeoutSeconds: 600}}",
+                "visibilityTimeoutSeconds must be longer than every pool's termination grace period",
+            ),
+            (
+                "    replicas: 3\n",
+                "    replicas: 3\n    shutdown: Soft\n",
+                "shutdown: Soft needs Celery 5.5 or later",
+            ),
+            (
+                "    replicas: 3\n",
+                "    replicas: 3\n    softShutdownOnIdle: true\n",
+                "apply only with shutdown: Soft",
+            ),
+            (
+                "timeLimitSeconds: 600",
+                "timeLimitSeconds: 600\n    terminationGracePeriodSeconds: 700\n    shutdown: Warm\n    softShutdownTimeoutSeconds: 5",
+                "apply only with shutdown: Soft",
+            ),
         ];
         for (from, to, expected) in cases {
             assert!(FULL.contains(from), "test case does not apply: {from}");

@@ -3,13 +3,13 @@
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
-use k8s_openapi::api::core::v1::{ExecAction, Probe};
+use k8s_openapi::api::core::v1::{EnvVar, ExecAction, Probe};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{celery_container, child_meta, pod_template, selector, worker_name};
 use crate::children::{Child, ChildKind};
-use crate::crd::{Celery, PoolType, RolloutType, WorkerPool};
+use crate::crd::{Celery, PoolType, RolloutType, ShutdownMode, WorkerPool};
 
 const COMPONENT: &str = "worker";
 
@@ -102,7 +102,27 @@ pub fn worker_args(celery: &Celery, pool: &WorkerPool) -> Vec<String> {
         args.push("--task-events".into());
     }
     args.extend(pool.args.iter().cloned());
+    if pool.shutdown == Some(ShutdownMode::Soft) {
+        // Worker settings after `--` (Celery's `config_from_cmdline`), after the user's.
+        if !args.iter().any(|a| a == "--") {
+            args.push("--".into());
+        }
+        args.push(format!(
+            "worker.soft_shutdown_timeout={}",
+            soft_shutdown_timeout(pool)
+        ));
+        if pool.soft_shutdown_on_idle == Some(true) {
+            args.push("worker.enable_soft_shutdown_on_idle=True".into());
+        }
+    }
     args
+}
+
+/// Seconds running tasks get in a soft shutdown: the pool's, else the grace period less
+/// 10 s (at least 1 s) so that they are requeued before the pod is killed.
+pub fn soft_shutdown_timeout(pool: &WorkerPool) -> i64 {
+    pool.soft_shutdown_timeout_seconds
+        .unwrap_or_else(|| (grace_period(pool) - 10).max(1))
 }
 
 /// A prefork pool process's memory bound in KiB: the pool's, else three quarters of the
@@ -157,7 +177,15 @@ fn default_readiness_probe(celery: &Celery, pool: &WorkerPool) -> Probe {
 }
 
 fn deployment(celery: &Celery, pool: &WorkerPool) -> Deployment {
-    let mut container = celery_container(celery, COMPONENT, worker_args(celery, pool), &pool.env);
+    // Celery's soft shutdown starts on SIGQUIT; the kubelet sends SIGTERM. First, so that
+    // the pool's own env can still set it otherwise.
+    let remap = (pool.shutdown == Some(ShutdownMode::Soft)).then(|| EnvVar {
+        name: "REMAP_SIGTERM".into(),
+        value: Some("SIGQUIT".into()),
+        ..Default::default()
+    });
+    let env: Vec<EnvVar> = remap.into_iter().chain(pool.env.iter().cloned()).collect();
+    let mut container = celery_container(celery, COMPONENT, worker_args(celery, pool), &env);
     container.resources = pool.resources.clone();
     container.readiness_probe = Some(
         pool.readiness_probe
@@ -395,5 +423,48 @@ mod tests {
             !args.contains("prefetch") && !args.contains("memory"),
             "{args}"
         );
+    }
+
+    #[test]
+    fn soft_shutdown_remaps_sigterm_and_sets_the_timeout_on_the_command_line() {
+        let with = |extra: &str| {
+            let spec = FULL.replacen("    replicas: 3\n", &format!("    replicas: 3\n{extra}"), 1);
+            let children = desired_children(&celery(&spec));
+            container(&children, "demo-worker-default")
+        };
+        let c = with("    shutdown: Soft\n    softShutdownOnIdle: true\n");
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let tail = &args[args
+            .iter()
+            .position(|a| *a == "--")
+            .expect("settings after --")..];
+        // The grace period of timeLimitSeconds 600 + 30, less 10 s.
+        assert_eq!(
+            tail,
+            [
+                "--",
+                "worker.soft_shutdown_timeout=620",
+                "worker.enable_soft_shutdown_on_idle=True"
+            ]
+        );
+        assert_eq!(
+            c["env"][3],
+            json!({"name": "REMAP_SIGTERM", "value": "SIGQUIT"})
+        );
+        let c = with("    shutdown: Soft\n    softShutdownTimeoutSeconds: 30\n");
+        assert!(
+            c["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("worker.soft_shutdown_timeout=30"))
+        );
+        let warm = with("    shutdown: Warm\n");
+        assert!(!warm["args"].as_array().unwrap().contains(&json!("--")));
+        assert!(!warm["env"].to_string().contains("REMAP_SIGTERM"));
     }
 }

@@ -27,12 +27,13 @@ spec:
       concurrency: 1
       prefetchMultiplier: 2
       timeLimitSeconds: 20
-      env: ENV
+      EXTRA
 "#;
 
-/// The worker container of the pool's Deployment, as the operator builds it.
-fn worker_container(env: &str) -> (Value, i64) {
-    let celery: Celery = serde_saphyr::from_str(&SPEC.replace("ENV", env)).unwrap();
+/// The worker container of the pool's Deployment, as the operator builds it; `extra` are
+/// more lines of the pool.
+fn worker_container(extra: &str) -> (Value, i64) {
+    let celery: Celery = serde_saphyr::from_str(&SPEC.replace("EXTRA", extra)).unwrap();
     let deployment = desired_children(&celery)
         .into_iter()
         .find(|c| c.name == "shop-worker-jobs")
@@ -87,9 +88,10 @@ fn truth(broker: &str) -> (u64, u64) {
 
 /// Sends 3 `record` tasks of `seconds`, starts the pool's worker, waits until one runs (and
 /// another is prefetched), sends SIGTERM and waits for the worker to exit within the
-/// pod's grace period. Returns (started, finished, ready, reserved) afterwards.
-fn scale_down_during_a_task(env: &str, seconds: &str) -> (usize, usize, u64, u64) {
-    let (container, grace) = worker_container(env);
+/// pod's grace period. Returns (started, finished, ready, reserved) afterwards, and the
+/// worker's log.
+fn scale_down_during_a_task(extra: &str, seconds: &str) -> (usize, usize, u64, u64, String) {
+    let (container, grace) = worker_container(extra);
     assert_eq!(
         container["command"],
         serde_json::json!(["celery"]),
@@ -139,14 +141,14 @@ fn scale_down_during_a_task(env: &str, seconds: &str) -> (usize, usize, u64, u64
     assert!(status.success(), "worker exit {status}: {log}");
     let (started, finished) = record(&file);
     let (ready, reserved) = truth(&url);
-    (started.len(), finished.len(), ready, reserved)
+    (started.len(), finished.len(), ready, reserved, log)
 }
 
 #[test]
 fn sigterm_lets_the_running_task_finish_and_requeues_the_prefetched_one() {
     // Warm shutdown, the default: the running task (4 s, well inside the grace period of the
     // time limit + 30 s) finishes; the prefetched one goes back to the queue.
-    let (started, finished, ready, reserved) = scale_down_during_a_task("[]", "4");
+    let (started, finished, ready, reserved, _) = scale_down_during_a_task("env: []", "4");
     assert_eq!((started, finished), (1, 1));
     assert_eq!(
         (ready, reserved),
@@ -157,11 +159,17 @@ fn sigterm_lets_the_running_task_finish_and_requeues_the_prefetched_one() {
 
 #[test]
 fn soft_shutdown_requeues_a_task_that_would_outlive_the_grace_period() {
-    // The documented settings for tasks longer than the grace period: SIGTERM remapped to
-    // Celery's soft shutdown (a time-limited warm shutdown, Celery >= 5.5); the running task
-    // is requeued, acks_late keeping it in the broker until then.
-    let env = "[{name: REMAP_SIGTERM, value: SIGQUIT}, {name: SOFT_SHUTDOWN_TIMEOUT, value: '1'}]";
-    let (started, finished, ready, reserved) = scale_down_during_a_task(env, "60");
+    // `shutdown: Soft` for tasks longer than the grace period: the operator remaps SIGTERM to
+    // Celery's soft shutdown (a time-limited warm shutdown, Celery >= 5.5) and sets its
+    // timeout on the command line; the running task is requeued, acks_late keeping it in
+    // the broker until then.
+    let pool = "shutdown: Soft\n      softShutdownTimeoutSeconds: 1\n      env: []";
+    let (started, finished, ready, reserved, log) = scale_down_during_a_task(pool, "60");
+    // The timeout came from the command line (the test app's own setting is 0: off).
+    assert!(
+        log.contains("Initiating Soft Shutdown, terminating in 1"),
+        "{log}"
+    );
     assert_eq!((started, finished), (1, 0), "the long task was interrupted");
     assert_eq!((ready, reserved), (3, 0), "and requeued with the other two");
 }
@@ -171,7 +179,7 @@ fn the_guardrail_flags_run_on_this_celery() {
     // disablePrefetch and the derived --max-memory-per-child, as generated, on the Celery of
     // the test virtualenv: the worker starts, and takes only the task it runs.
     let spec = SPEC
-        .replace("ENV", "[]")
+        .replace("EXTRA", "env: []")
         .replace(
             "prefetchMultiplier: 2",
             "prefetchMultiplier: 2\n      disablePrefetch: true\n      resources: {limits: {memory: 512Mi}}",
