@@ -85,12 +85,6 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         .first()
         .context("the Celery resource has no worker pool")?
         .clone();
-    let queue = pool
-        .queues
-        .first()
-        .cloned()
-        .context("the pool has no queue")?;
-    let deployment = crate::names::worker_name(&celery, &pool.name);
     let pools: Vec<Pool> = celery
         .spec
         .workers
@@ -101,6 +95,12 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             queues: p.queues.clone(),
         })
         .collect();
+    // The load goes to the first pool's first queue.
+    let queue = pools[0]
+        .queues
+        .first()
+        .cloned()
+        .context("the pool has no queue")?;
     let python = options.venv.join("bin/python");
     if !python.exists() {
         bail!(
@@ -160,7 +160,8 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         }
         if started.elapsed() > Duration::from_secs(120) {
             bail!(
-                "no worker of {deployment} was ready within 120 s; see {}",
+                "no worker of {} was ready within 120 s; see {}",
+                pools[0].deployment,
                 out.join("pods").display()
             );
         }
@@ -190,10 +191,10 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         }
         let looks = look(&probe, &mut broker, &deployments, &pools, t).await;
         let s = looks[0];
-        let failed = services::count(&mut broker, "sandbox:failed").await;
         samples.push(s);
         let sending = next_second < load_seconds;
-        let settled = !sending && s.sent >= total && s.done + failed >= total && s.desired <= floor;
+        let settled =
+            !sending && s.sent >= total && s.done + s.failed >= total && s.desired <= floor;
         let phase = if sending {
             "sending"
         } else {
@@ -209,7 +210,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         };
         let too_long = settle_start.is_some_and(|s0| t - s0 > options.settle_limit.as_secs_f64());
         let rows: Vec<(&str, Sample)> = pools.iter().map(|p| p.name.as_str()).zip(looks).collect();
-        let frame = view::frame(&rows, failed, progress, phase);
+        let frame = view::frame(&rows, progress, phase);
         view.show(&frame, t, settled || too_long);
         if settled {
             break;
@@ -339,7 +340,7 @@ async fn look(
 ) -> Vec<Sample> {
     let all: Vec<String> = pools.iter().flat_map(|p| p.queues.clone()).collect();
     let queues = probe.sample(&all).await.unwrap_or_default();
-    let (sent, done) = services::sent_and_done(broker).await;
+    let (sent, done, failed) = services::task_counts(broker).await;
     let mut looks = Vec::new();
     for pool in pools {
         let mine = queues.iter().filter(|q| pool.queues.contains(&q.name));
@@ -359,6 +360,7 @@ async fn look(
             ready,
             sent,
             done,
+            failed,
         });
     }
     looks

@@ -24,6 +24,8 @@ pub struct Sample {
     pub sent: u64,
     /// Tasks completed so far.
     pub done: u64,
+    /// Tasks that failed so far.
+    pub failed: u64,
 }
 
 impl Sample {
@@ -98,12 +100,12 @@ pub fn replica_seconds(samples: &[Sample]) -> f64 {
 
 /// The samples as CSV.
 pub fn csv(samples: &[Sample]) -> String {
-    let mut out = String::from("t,queued,reserved,desired,ready,sent,done\n");
+    let mut out = String::from("t,queued,reserved,desired,ready,sent,done,failed\n");
     for s in samples {
         let _ = writeln!(
             out,
-            "{:.2},{},{},{},{},{},{}",
-            s.t, s.queued, s.reserved, s.desired, s.ready, s.sent, s.done
+            "{:.2},{},{},{},{},{},{},{}",
+            s.t, s.queued, s.reserved, s.desired, s.ready, s.sent, s.done, s.failed
         );
     }
     out

@@ -130,19 +130,16 @@ pub fn sender(
         .context("starting the task sender")
 }
 
-/// Tasks sent and done so far (zeros when Redis does not answer).
-pub async fn sent_and_done(broker: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
-    let figures: redis::RedisResult<(u64, u64)> = redis::pipe()
+/// Tasks sent, done and failed so far, in one round trip (zeros when Redis does not
+/// answer).
+pub async fn task_counts(broker: &mut redis::aio::MultiplexedConnection) -> (u64, u64, u64) {
+    let figures: redis::RedisResult<(u64, u64, u64)> = redis::pipe()
         .scard("sandbox:sent")
         .scard("sandbox:done")
+        .scard("sandbox:failed")
         .query_async(broker)
         .await;
     figures.unwrap_or_default()
-}
-
-/// The size of the set `key` (0 when Redis does not answer).
-pub async fn count(broker: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
-    broker.scard(key).await.unwrap_or(0)
 }
 
 /// The fate of every task sent, from what the tasks recorded.

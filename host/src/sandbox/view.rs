@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::report::Sample;
 
 /// One frame: every pool's figures and the scenario's progress.
-pub fn frame(pools: &[(&str, Sample)], failed: u64, progress: f64, phase: &str) -> String {
+pub fn frame(pools: &[(&str, Sample)], progress: f64, phase: &str) -> String {
     let width = 30;
     let filled = ((progress.clamp(0.0, 1.0)) * width as f64).round() as usize;
     let t = pools.first().map_or(0.0, |p| p.1.t);
@@ -33,8 +33,8 @@ pub fn frame(pools: &[(&str, Sample)], failed: u64, progress: f64, phase: &str) 
     if let Some((_, s)) = pools.first() {
         let _ = writeln!(
             out,
-            "tasks: {} sent, {} done, {failed} failed",
-            s.sent, s.done
+            "tasks: {} sent, {} done, {} failed",
+            s.sent, s.done, s.failed
         );
     }
     out
@@ -89,6 +89,7 @@ mod tests {
             ready: 2,
             sent: 48,
             done: 0,
+            failed: 1,
         };
         let other = Sample {
             queued: 1,
@@ -96,7 +97,7 @@ mod tests {
             ready: 1,
             ..s
         };
-        let f = frame(&[("work", s), ("mail", other)], 1, 0.5, "sending");
+        let f = frame(&[("work", s), ("mail", other)], 0.5, "sending");
         let lines: Vec<&str> = f.lines().collect();
         assert_eq!(lines.len(), 5);
         assert!(lines[0].contains(&format!("[{}{}]  50%", "#".repeat(15), ".".repeat(15))));

@@ -178,19 +178,9 @@ fn soft_shutdown_requeues_a_task_that_would_outlive_the_grace_period() {
 fn the_guardrail_flags_run_on_this_celery() {
     // disablePrefetch and the derived --max-memory-per-child, as generated, on the Celery of
     // the test virtualenv: the worker starts, and takes only the task it runs.
-    let spec = SPEC
-        .replace("EXTRA", "env: []")
-        .replace(
-            "prefetchMultiplier: 2",
-            "prefetchMultiplier: 2\n      disablePrefetch: true\n      resources: {limits: {memory: 512Mi}}",
-        );
-    let celery: Celery = serde_saphyr::from_str(&spec).unwrap();
-    let deployment = desired_children(&celery)
-        .into_iter()
-        .find(|c| c.name == "shop-worker-jobs")
-        .unwrap()
-        .object;
-    let container = deployment["spec"]["template"]["spec"]["containers"][0].clone();
+    let (container, _) = worker_container(
+        "disablePrefetch: true\n      resources: {limits: {memory: 512Mi}}\n      env: []",
+    );
     let args = argv(&container).join(" ");
     assert!(args.contains("--disable-prefetch"), "{args}");
     // Three quarters of 512 MiB for one process, in KiB.
