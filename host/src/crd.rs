@@ -439,6 +439,13 @@ pub struct WorkerPool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_disruption_budget: Option<DisruptionBudget>,
 
+    /// How the operator follows this pool's workers through Celery's own event stream on
+    /// the broker (worker heartbeats): busy-aware scale-down, stalled workers, and
+    /// `status.liveWorkers`. On by default for pools the operator scales itself (it reads
+    /// their broker anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<WorkerLifecycle>,
+
     /// Readiness probe of a worker container. Defaults to `celery inspect ping` on this
     /// worker every 60 s. A failing readiness probe never restarts a worker, so a broker
     /// outage does not cause a crash loop.
@@ -461,6 +468,32 @@ pub struct WorkerPool {
     /// Affinity of this pool's pods; replaces `pod.affinity` when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+}
+
+/// How the operator follows a pool's workers on the broker.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerLifecycle {
+    /// Follow the pool's workers. Default: true when the operator scales the pool itself
+    /// (autoscaler `operator`), false otherwise (the operator may have no way to the broker
+    /// of an HPA or KEDA pool). While
+    /// followed, each worker pod's `controller.kubernetes.io/pod-deletion-cost` says whether
+    /// it runs a task (100), idles (0) or is stalled (-100), so that a scale-down removes
+    /// stalled and idle workers before busy ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+
+    /// A worker is stalled when no heartbeat came for this many seconds, or when it ran and
+    /// finished no task for this long while its queues held tasks. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub stalled_after_seconds: Option<i64>,
+
+    /// Evict the pod of a stalled worker, so that its Deployment replaces it (the eviction
+    /// API: PodDisruptionBudgets are respected). Default false: stalled workers are only
+    /// reported (condition and Event) and removed first on scale-down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_stalled: Option<bool>,
 }
 
 fn default_queues() -> Vec<String> {
@@ -849,6 +882,42 @@ pub struct CeleryStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pool"]))]
     pub scaling: Vec<PoolScaling>,
+    /// What each followed pool's workers say on the broker (see `lifecycle`): one entry per
+    /// pool, written by the operator's event follower (field manager
+    /// `celery-operator-lifecycle`) when the figures change, and at most every 30 seconds
+    /// to refresh the last heartbeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pool"]))]
+    pub live_workers: Vec<PoolWorkers>,
+}
+
+/// What one pool's workers say on the broker, from their heartbeats.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolWorkers {
+    /// Pool name.
+    pub pool: String,
+    /// Workers heard from.
+    pub seen: i32,
+    /// Workers running a task (seen running at two heartbeats in a row, until 30 s
+    /// without one).
+    pub busy: i32,
+    /// Workers running nothing.
+    pub idle: i32,
+    /// Stalled workers (see `lifecycle.stalledAfterSeconds`).
+    pub stalled: i32,
+    /// Node names of stalled workers (the first 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub stalled_workers: Vec<String>,
+    /// When the last heartbeat of any of the pool's workers arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// `WorkersStalled`: True while a worker is stalled (reason `HeartbeatsStopped` or
+    /// `IdleWithBacklog`); False with reason `BrokerUnavailable` while the event stream
+    /// cannot be read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// What the operator's queue-length scaler last saw and decided for one pool.

@@ -5,7 +5,8 @@
 //! [`plan`], which `render` shares — then [`apply`] them (reading live children from the
 //! watch [`cache`]s, pruning stale ones) and compute the [`status`]. [`reconcile`] strings
 //! the stages together and runs the controller; the operator's own [`scaler`] loops scale
-//! the pools it scales itself. [`cli`] is the command line, [`config`] what `run` needs.
+//! the pools it scales itself; the [`lifecycle`] followers read the workers' own events on the
+//! broker (busy-aware scale-down, stalled workers). [`cli`] is the command line, [`config`] what `run` needs.
 //!
 //! Two words to keep apart: an *autoscaler* plugin emits the objects that scale a pool (an
 //! HPA, a KEDA ScaledObject) once per reconcile; a *scaler* plugin decides a pool's replicas
@@ -24,6 +25,7 @@ pub mod desired;
 pub mod events;
 pub mod http;
 pub mod leader;
+pub mod lifecycle;
 pub mod metrics;
 pub mod names;
 pub mod plan;

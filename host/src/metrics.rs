@@ -58,6 +58,12 @@ pub struct Metrics {
     pub tracked_resources: Gauge,
     /// Scaler loops running (one per pool the operator scales itself).
     pub scaler_loops: Gauge,
+    /// Worker events taken in by the event followers (events of other workers not counted).
+    pub worker_events: Counter,
+    /// Writes of pods' `controller.kubernetes.io/pod-deletion-cost`.
+    pub deletion_cost_writes: Counter,
+    /// Workers that became stalled.
+    pub worker_stalls: Counter,
 }
 
 impl Default for Metrics {
@@ -117,8 +123,29 @@ impl Default for Metrics {
             "Scaler loops running, one per pool the operator scales itself",
             scaler_loops.clone(),
         );
+        let worker_events = Counter::default();
+        registry.register(
+            "worker_events",
+            "Celery worker events (online, heartbeat, offline) taken in by the event followers",
+            worker_events.clone(),
+        );
+        let deletion_cost_writes = Counter::default();
+        registry.register(
+            "deletion_cost_writes",
+            "Writes of worker pods' pod-deletion-cost annotation",
+            deletion_cost_writes.clone(),
+        );
+        let worker_stalls = Counter::default();
+        registry.register(
+            "worker_stalls",
+            "Workers that became stalled (heartbeats stopped, or idle beside a backlog)",
+            worker_stalls.clone(),
+        );
         Metrics {
             registry,
+            worker_events,
+            deletion_cost_writes,
+            worker_stalls,
             tracked_resources,
             scaler_loops,
             reconciles,

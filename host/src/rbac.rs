@@ -52,6 +52,10 @@ pub fn watched_namespaces() -> Vec<Rule> {
         // The operator's own scaler: the broker URL, and the replicas of the pools it scales.
         rule("", "secrets", &["get"]),
         rule("apps", "deployments/scale", &["get", "patch"]),
+        // The event followers: worker pods' deletion cost (an annotation, by name; pods are
+        // never read or listed), and evicting a stalled worker's pod when its pool asks.
+        rule("", "pods", &["patch"]),
+        rule("", "pods/eviction", &["create"]),
     ];
     for kind in ChildKind::ALL {
         // The same resource in every version the operator may talk to: RBAC rules name

@@ -23,6 +23,7 @@ use crate::cache::{Cached, Caches, Ready, Slim, causes, watch_config};
 use crate::children::ChildKind;
 use crate::crd::{Celery, CeleryStatus};
 use crate::events::Publisher;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::{Metrics, ReconcileLabels, WriteLabels};
 use crate::names::{MANAGER, labels};
 use crate::plan::{PlanError, plan};
@@ -89,6 +90,8 @@ pub struct Context {
     pub caches: Caches,
     /// Starts and stops the loops of the pools the operator scales itself.
     pub scalers: Arc<Scalers>,
+    /// Starts and stops the followers of the resources' worker events.
+    pub lifecycle: Arc<Lifecycle>,
     /// What is remembered about each resource between reconciles.
     pub states: ResourceStates,
     /// How often a resource is reconciled without any event.
@@ -115,6 +118,12 @@ impl Context {
             caches.clone(),
             poll_interval,
         ));
+        let lifecycle = Arc::new(Lifecycle::new(
+            client.clone(),
+            events.clone(),
+            metrics.clone(),
+            plugins.clone(),
+        ));
         Context {
             client,
             served: ServedKinds::undiscovered(),
@@ -123,6 +132,7 @@ impl Context {
             plugins,
             caches,
             scalers,
+            lifecycle,
             states: ResourceStates::default(),
             resync: DEFAULT_RESYNC,
         }
@@ -272,11 +282,13 @@ async fn reconcile_stages(celery: &Arc<Celery>, ctx: &Arc<Context>) -> Result<Re
         })
         .collect();
 
-    // The pools the operator scales itself get their scaler loops (started, changed or
-    // stopped here, run on their own).
+    // The pools the operator scales itself get their scaler loops, followed pools their
+    // resource's event follower (started, changed or stopped here, run on their own).
     if outcome.failure.is_none() {
-        ctx.states
-            .with(&uid, |s| ctx.scalers.sync(celery, &mut s.scalers));
+        ctx.states.with(&uid, |s| {
+            ctx.scalers.sync(celery, &mut s.scalers);
+            ctx.lifecycle.sync(celery, &mut s.follower);
+        });
     }
 
     // Stage 5: status and Events.
@@ -329,11 +341,16 @@ async fn write_status(
     celery: &Celery,
     mut status: CeleryStatus,
 ) -> Result<(), Error> {
-    // `scaling` belongs to the scaler loops (their own field managers): neither compared nor
-    // applied here, so this apply leaves their entries alone.
-    status.scaling.clear();
-    let live = celery.status.clone().map(|mut s| {
+    // `scaling` and `liveWorkers` belong to the scaler loops and the event followers (their
+    // own field managers): neither compared nor applied here, so this apply leaves their
+    // entries alone.
+    let others = |s: &mut CeleryStatus| {
         s.scaling.clear();
+        s.live_workers.clear();
+    };
+    others(&mut status);
+    let live = celery.status.clone().map(|mut s| {
+        others(&mut s);
         s
     });
     if live.as_ref() == Some(&status) {

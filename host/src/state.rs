@@ -1,6 +1,7 @@
 //! What the operator remembers about each Celery resource between reconciles, in one place,
 //! keyed by the resource's uid and dropped when the resource is gone: the retry backoff, the
-//! last good answers of its autoscaler plugins, and its pools' scaler loops.
+//! last good answers of its autoscaler plugins, its pools' scaler loops and its worker event
+//! follower.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -9,16 +10,17 @@ use tokio::task::AbortHandle;
 
 use crate::children::Child;
 
-/// A running scaler loop of one pool; stopped when dropped.
+/// A running background loop (a pool's scaler, a resource's event follower); stopped when
+/// dropped.
 #[derive(Debug)]
-pub struct ScalerLoop {
+pub struct Loop {
     /// What the loop runs with (a change restarts it).
     pub fingerprint: String,
     /// The loop's task.
     pub task: AbortHandle,
 }
 
-impl Drop for ScalerLoop {
+impl Drop for Loop {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -32,7 +34,9 @@ pub struct ResourceState {
     /// The last objects each pool's autoscaler plugin returned, for `keep-last-good`.
     pub last_good: BTreeMap<String, Vec<Child>>,
     /// The scaler loops of the pools the operator scales itself.
-    pub scalers: BTreeMap<String, ScalerLoop>,
+    pub scalers: BTreeMap<String, Loop>,
+    /// The follower of its workers' events, while any pool is followed.
+    pub follower: Option<Loop>,
 }
 
 /// Every resource's state.
@@ -72,7 +76,7 @@ mod tests {
             s.failures = 3;
             s.scalers.insert(
                 "pool".into(),
-                ScalerLoop {
+                Loop {
                     fingerprint: String::new(),
                     task: task.abort_handle(),
                 },

@@ -173,8 +173,9 @@ pub fn compute(celery: &Celery, outcome: &Outcome, now: &Time) -> CeleryStatus {
         flower,
         beat,
         plugins: outcome.plugins.clone(),
-        // Owned by the scaler loops, which write it themselves.
+        // Owned by the scaler loops and the event followers, which write them themselves.
         scaling: Vec::new(),
+        live_workers: Vec::new(),
     }
 }
 

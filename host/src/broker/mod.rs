@@ -1,8 +1,12 @@
-//! Broker probes: how many tasks wait in a pool's queues and how many are reserved by
-//! workers, read the way Celery (kombu) stores them.
+//! The broker, read the way Celery (kombu) uses it: probes of how many tasks wait in a pool's
+//! queues and how many are reserved by workers, and the worker events Celery publishes.
 
+pub mod events;
 pub mod rabbitmq;
 pub mod redis;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
 
 use crate::crd::{BrokerSpec, BrokerType};
 
@@ -101,6 +105,31 @@ impl Probe {
             Probe::Rabbitmq(p) => p.sample(queues).await,
         }
     }
+}
+
+/// The broker URL, from the broker's Secret (read again after each failure: a rotated
+/// password shows up as one).
+pub async fn url_from_secret(
+    secrets: &Api<Secret>,
+    broker: &BrokerSpec,
+) -> Result<String, ProbeError> {
+    let secret_ref = &broker.secret_ref;
+    let secret = secrets
+        .get(&secret_ref.name)
+        .await
+        .map_err(|e| ProbeError::Broker(format!("cannot read Secret {}: {e}", secret_ref.name)))?;
+    let url = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&secret_ref.key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .ok_or_else(|| {
+            ProbeError::Url(format!(
+                "Secret {} has no key {}",
+                secret_ref.name, secret_ref.key
+            ))
+        })?;
+    Ok(url)
 }
 
 #[cfg(test)]

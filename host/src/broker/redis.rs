@@ -163,6 +163,49 @@ impl RedisProbe {
 }
 
 /// A redis error as text, without the URL (it may hold a password).
+/// A subscription to the worker events kombu fans out on Redis: `PUBLISH` to
+/// `<global_keyprefix>/<db>.celeryev/<routing key>` (kombu's default `fanout_prefix` and
+/// `fanout_patterns`; Pub/Sub channels span databases, hence the `/<db>.`).
+pub struct RedisEvents {
+    sink: redis::aio::PubSubSink,
+    messages: redis::aio::PubSubStream,
+}
+
+impl RedisEvents {
+    /// Subscribes to the `worker.*` events of the database `url` names.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, ProbeError> {
+        let client = redis::Client::open(url).map_err(|e| ProbeError::Url(redacted(e)))?;
+        let db = client.get_connection_info().redis_settings().db();
+        let mut pubsub = client
+            .get_async_pubsub()
+            .await
+            .map_err(|e| ProbeError::Broker(redacted(e)))?;
+        pubsub
+            .psubscribe(format!("{prefix}/{db}.celeryev/worker.*"))
+            .await
+            .map_err(|e| ProbeError::Broker(redacted(e)))?;
+        let (sink, messages) = pubsub.split();
+        Ok(RedisEvents { sink, messages })
+    }
+
+    /// The next worker event; `None` when the connection is lost.
+    pub async fn next(&mut self) -> Option<crate::broker::events::WorkerEvent> {
+        use futures::StreamExt;
+        loop {
+            let message = self.messages.next().await?;
+            if let Some(event) = crate::broker::events::from_redis(message.get_payload_bytes()) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// Whether the server still answers on the subscription's connection.
+    pub async fn ping(&mut self) -> bool {
+        // In subscriber mode the answer is an array, not `PONG`: any answer will do.
+        self.sink.ping::<redis::Value>().await.is_ok()
+    }
+}
+
 fn redacted(e: redis::RedisError) -> String {
     let text = e.to_string();
     match text.find("redis://").or_else(|| text.find("rediss://")) {

@@ -10,7 +10,7 @@ pub mod keda;
 pub mod kubelet;
 pub mod load;
 pub mod report;
-mod services;
+pub mod services;
 pub mod view;
 
 use std::path::PathBuf;
@@ -33,7 +33,8 @@ use report::{Accounting, Sample};
 use services::{Operator, Redis};
 
 /// The namespace everything runs in.
-const NAMESPACE: &str = "default";
+/// The namespace the sandbox runs in.
+pub const NAMESPACE: &str = "default";
 /// How often the sandbox samples the pool.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
@@ -286,7 +287,7 @@ fn min_replicas(pool: &crate::crd::WorkerPool) -> u32 {
 }
 
 /// Installs the CRD, the broker's Secret and the Celery resource.
-async fn install(client: &Client, celery: &Celery, broker_url: &str) -> anyhow::Result<()> {
+pub async fn install(client: &Client, celery: &Celery, broker_url: &str) -> anyhow::Result<()> {
     let apply = PatchParams::apply(MANAGER).force();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = Celery::crd();

@@ -31,7 +31,7 @@ use crate::events::Publisher;
 use crate::metrics::{Metrics, ScalerLabels};
 use crate::names::worker_name;
 use crate::plugin::Plugins;
-use crate::state::ScalerLoop;
+use crate::state::Loop;
 
 /// What the scaler loops need, and one probe per broker shared by its pools' loops.
 pub struct Scalers {
@@ -70,7 +70,7 @@ impl Scalers {
     /// Starts the loops `celery` needs, restarts those whose pool or broker changed and
     /// stops those no longer wanted (`loops` are the resource's running ones). Never
     /// blocks: each loop is its own task.
-    pub fn sync(self: &Arc<Self>, celery: &Celery, loops: &mut BTreeMap<String, ScalerLoop>) {
+    pub fn sync(self: &Arc<Self>, celery: &Celery, loops: &mut BTreeMap<String, Loop>) {
         let wanted: Vec<&WorkerPool> = celery
             .spec
             .workers
@@ -113,7 +113,7 @@ impl Scalers {
             // Replacing a loop drops (and so stops) the old one.
             loops.insert(
                 pool.name.clone(),
-                ScalerLoop {
+                Loop {
                     fingerprint,
                     task: task.abort_handle(),
                 },
@@ -178,27 +178,6 @@ impl Scalers {
     }
 }
 
-/// The broker URL from the broker's Secret.
-async fn broker_url(secrets: &Api<Secret>, broker: &BrokerSpec) -> Result<String, ProbeError> {
-    let secret_ref = &broker.secret_ref;
-    let secret = secrets
-        .get(&secret_ref.name)
-        .await
-        .map_err(|e| ProbeError::Broker(format!("cannot read Secret {}: {e}", secret_ref.name)))?;
-    let url = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&secret_ref.key))
-        .and_then(|v| String::from_utf8(v.0.clone()).ok())
-        .ok_or_else(|| {
-            ProbeError::Url(format!(
-                "Secret {} has no key {}",
-                secret_ref.name, secret_ref.key
-            ))
-        })?;
-    Ok(url)
-}
-
 /// Samples, decides and scales one pool every poll interval, until the loop is stopped or
 /// the resource is gone. Replicas change only through the Deployment's scale subresource.
 async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
@@ -257,7 +236,7 @@ async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
         // rotated password shows up as one) and a new probe connects.
         let connected = match probe.take() {
             Some(p) => Ok(p),
-            None => match broker_url(&secrets, &celery.spec.broker).await {
+            None => match crate::broker::url_from_secret(&secrets, &celery.spec.broker).await {
                 Ok(url) => scalers.probe(&url, &celery.spec.broker).await,
                 Err(e) => Err(e),
             },

@@ -1,8 +1,8 @@
 //! The brokers for real: the Redis and RabbitMQ probes against real servers filled by the real
 //! Celery client and drained by real Celery workers (`redis_probe`, `rabbitmq_probe`), and the
 //! generated worker command line shutting down mid-task without losing one
-//! (`worker_shutdown`), and the sandbox end to end: the operator scaling real workers
-//! (`sandbox`).
+//! (`worker_shutdown`), the sandbox end to end: the operator scaling real workers
+//! (`sandbox`), and the operator following real workers' heartbeats (`worker_lifecycle`).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -10,4 +10,5 @@ mod support;
 mod rabbitmq_probe;
 mod redis_probe;
 mod sandbox;
+mod worker_lifecycle;
 mod worker_shutdown;

@@ -17,6 +17,7 @@
 //! - `autoscaling`: HPA to KEDA, the operator's own queue-length scaler on a real Redis.
 //! - `plugins`: plugin ConfigMaps swapped live, hostile plugins.
 //! - `resilience`: API faults and outages, leader election, 200 resources.
+//! - `workers`: worker heartbeats rank pods (deletion cost), a silent worker's pod evicted.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -26,6 +27,7 @@ mod lifecycle;
 mod plugins;
 mod reconcile;
 mod resilience;
+mod workers;
 
 /// A resource with every kind of child but the Ingress and KEDA's: a pool with a fixed
 /// replica count and a PodDisruptionBudget, a pool autoscaled by the default autoscaler (a
