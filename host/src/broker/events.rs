@@ -14,7 +14,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::{ProbeError, redis::RedisEvents};
+use super::{ProbeError, rabbitmq::RabbitEvents, redis::RedisEvents};
 use crate::crd::{BrokerSpec, BrokerType};
 
 /// Bytes of one message beyond which it is not read (a heartbeat is about 400).
@@ -135,6 +135,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Subscription {
     /// On Redis: kombu's fanout, a Pub/Sub channel per routing key.
     Redis(RedisEvents),
+    /// On RabbitMQ: a queue of the operator's own bound to the `celeryev` exchange.
+    Rabbitmq(RabbitEvents),
 }
 
 impl Subscription {
@@ -148,8 +150,11 @@ impl Subscription {
                     RedisEvents::connect(url, &layout.prefix).await?,
                 ))
             }
-            _ => Err(ProbeError::Url(
-                "worker events are followed on Redis brokers only".into(),
+            Some(BrokerType::Rabbitmq) => Ok(Subscription::Rabbitmq(
+                RabbitEvents::connect(url).await?,
+            )),
+            None => Err(ProbeError::Url(
+                "unknown scheme: expected redis://, rediss://, amqp:// or amqps://".into(),
             )),
         }
     }
@@ -159,16 +164,19 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<WorkerEvent> {
         match self {
             Subscription::Redis(r) => r.next().await,
+            Subscription::Rabbitmq(r) => r.next().await,
         }
     }
 
     /// Whether the subscription still works: silence from a worker means something only
     /// while it does.
     pub async fn alive(&mut self) -> bool {
-        let ping = match self {
-            Subscription::Redis(r) => r.ping(),
-        };
-        matches!(tokio::time::timeout(PING_TIMEOUT, ping).await, Ok(true))
+        match self {
+            Subscription::Redis(r) => {
+                matches!(tokio::time::timeout(PING_TIMEOUT, r.ping()).await, Ok(true))
+            }
+            Subscription::Rabbitmq(r) => r.alive(),
+        }
     }
 }
 

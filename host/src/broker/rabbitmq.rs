@@ -218,12 +218,153 @@ impl RabbitProbe {
     }
 }
 
+/// The AMQP URI of a Celery broker URL, read as kombu reads it (see
+/// [`Endpoint::from_broker_url`]): port 5672 (5671 for `amqps://`), user and password
+/// `guest` by default, the virtual host the path without its first `/`.
+pub fn amqp_uri(broker: &str) -> Result<lapin::uri::AMQPUri, ProbeError> {
+    use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
+    let endpoint = Endpoint::from_broker_url(broker, None)?;
+    let url = Url::parse(broker).map_err(|e| ProbeError::Url(e.to_string()))?;
+    let tls = endpoint.base.scheme() == "https";
+    Ok(AMQPUri {
+        scheme: if tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: endpoint.user,
+                password: endpoint.password,
+            },
+            host: url.host_str().unwrap_or_default().to_string(),
+            port: url.port().unwrap_or(if tls { 5671 } else { 5672 }),
+        },
+        vhost: endpoint.vhost,
+        query: Default::default(),
+    })
+}
+
+/// A subscription to the worker events Celery publishes on RabbitMQ: a queue of the
+/// operator's own (exclusive, gone with the connection; messages kept 10 s and at most
+/// 10,000, so a slow reader never grows the broker) bound to the `celeryev` topic exchange
+/// with `worker.#`.
+pub struct RabbitEvents {
+    connection: lapin::Connection,
+    consumer: lapin::Consumer,
+}
+
+/// Celery's event exchange.
+const EVENT_EXCHANGE: &str = "celeryev";
+
+impl RabbitEvents {
+    /// Subscribes to the `worker.*` events of the broker at `url`.
+    pub async fn connect(url: &str) -> Result<Self, ProbeError> {
+        use lapin::options::{
+            BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        };
+        use lapin::types::{AMQPValue, FieldTable};
+        let failed = |e: lapin::Error| ProbeError::Broker(e.to_string());
+        let connection =
+            lapin::Connection::connect_uri(amqp_uri(url)?, lapin::ConnectionProperties::default())
+                .await
+                .map_err(failed)?;
+        let channel = connection.create_channel().await.map_err(failed)?;
+        // Declared as Celery declares it (a topic exchange, durable), so that binding works
+        // before any worker started.
+        channel
+            .exchange_declare(
+                EVENT_EXCHANGE.into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(failed)?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(10_000));
+        arguments.insert("x-max-length".into(), AMQPValue::LongUInt(10_000));
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .map_err(failed)?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                EVENT_EXCHANGE.into(),
+                "worker.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(failed)?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "celery-operator".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(failed)?;
+        Ok(RabbitEvents {
+            connection,
+            consumer,
+        })
+    }
+
+    /// The next worker event; `None` when the connection is lost.
+    pub async fn next(&mut self) -> Option<crate::broker::events::WorkerEvent> {
+        use futures::StreamExt;
+        loop {
+            let delivery = self.consumer.next().await?.ok()?;
+            if let Some(event) = crate::broker::events::from_json(&delivery.data) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// Whether the connection is up (lapin exchanges AMQP heartbeats on it).
+    pub fn alive(&self) -> bool {
+        self.connection.status().connected()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn endpoint(url: &str) -> Endpoint {
         Endpoint::from_broker_url(url, None).unwrap()
+    }
+
+    #[test]
+    fn the_amqp_uri_is_read_as_kombu_reads_it() {
+        let uri = amqp_uri("pyamqp://celery:s%40cret@rabbit.ns.svc/app").unwrap();
+        assert_eq!(uri.authority.host, "rabbit.ns.svc");
+        assert_eq!(uri.authority.port, 5672);
+        assert_eq!(uri.authority.userinfo.username, "celery");
+        assert_eq!(uri.authority.userinfo.password, "s@cret");
+        assert_eq!(uri.vhost, "app");
+        let uri = amqp_uri("amqps://rabbit//").unwrap();
+        assert_eq!(uri.scheme, lapin::uri::AMQPScheme::AMQPS);
+        assert_eq!((uri.authority.port, uri.vhost.as_str()), (5671, "/"));
+        assert_eq!(uri.authority.userinfo.username, "guest");
+        assert!(amqp_uri("redis://h").is_err());
     }
 
     #[test]
