@@ -56,6 +56,7 @@ fn run(w: &Workload) -> (u64, u64) {
         stalled_after_ms: 60_000,
         queues: vec!["work".into()],
         replace_stalled: false,
+        heartbeats_pause_in_tasks: false,
     }]);
     let gap_ms = w.task_ms * (1.0 - w.utilization) / w.utilization;
     let mut sims: Vec<Sim> = (0..WORKERS)

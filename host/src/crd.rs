@@ -484,7 +484,9 @@ pub struct WorkerLifecycle {
     pub enabled: Option<bool>,
 
     /// A worker is stalled when no heartbeat came for this many seconds, or when it ran and
-    /// finished no task for this long while its queues held tasks. Default 60.
+    /// finished no task for this long while its queues held tasks. Default 60. (In `solo`,
+    /// `gevent` and `eventlet` pools a task can hold up the heartbeats: a worker that went
+    /// silent while running a task counts as busy.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 5, max = 3600))]
     pub stalled_after_seconds: Option<i64>,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use kube::{Client, ResourceExt};
 
-use crate::crd::{Celery, WorkerPool};
+use crate::crd::{Celery, PoolType, WorkerPool};
 use crate::events::Publisher;
 use crate::metrics::Metrics;
 use crate::names::worker_name;
@@ -67,6 +67,10 @@ pub fn followed_pools(
                 stalled_after_ms: seconds as u64 * 1000,
                 queues: p.queues.clone(),
                 replace_stalled: lifecycle.replace_stalled.unwrap_or(false),
+                heartbeats_pause_in_tasks: matches!(
+                    p.pool,
+                    Some(PoolType::Solo | PoolType::Gevent | PoolType::Eventlet)
+                ),
             }
         })
         .collect()

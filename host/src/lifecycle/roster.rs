@@ -43,6 +43,10 @@ pub struct PoolSettings {
     pub queues: Vec<String>,
     /// Whether a stalled worker's pod is evicted (the follower does it).
     pub replace_stalled: bool,
+    /// Whether a task may hold up the worker's heartbeats (`solo` runs tasks in the main
+    /// process; `gevent` and `eventlet` stop with a task that blocks): a worker that went
+    /// silent while running a task is then taken as busy, not stalled.
+    pub heartbeats_pause_in_tasks: bool,
 }
 
 /// Why a worker is stalled.
@@ -113,6 +117,8 @@ struct Worker {
     /// Heartbeats in a row with a running task.
     busy_streak: u32,
     busy: bool,
+    /// Its last event showed a running task.
+    running: bool,
     last_active_ms: u64,
     processed: u64,
     /// The last time it ran or finished a task (or was first heard from).
@@ -199,6 +205,7 @@ impl Roster {
                     last_seen_ms: now_ms,
                     busy_streak: 0,
                     busy: false,
+                    running: false,
                     last_active_ms: 0,
                     processed: event.processed,
                     progress_ms: now_ms,
@@ -209,6 +216,7 @@ impl Roster {
         }
         let w = self.workers.get_mut(pod).expect("inserted above");
         w.last_seen_ms = now_ms;
+        w.running = event.active > 0;
         if event.active > 0 {
             w.busy_streak = w.busy_streak.saturating_add(1);
             w.last_active_ms = now_ms;
@@ -241,10 +249,15 @@ impl Roster {
         let mut changes = Changes::default();
         for (pod, w) in &mut self.workers {
             let settings = &self.pools[w.pool];
-            if w.busy && now_ms.saturating_sub(w.last_active_ms) >= IDLE_AFTER_MS {
+            let paused_by_a_task = settings.heartbeats_pause_in_tasks && w.running;
+            if w.busy
+                && !paused_by_a_task
+                && now_ms.saturating_sub(w.last_active_ms) >= IDLE_AFTER_MS
+            {
                 w.busy = false;
             }
-            let silent = now_ms.saturating_sub(w.last_seen_ms) > settings.stalled_after_ms;
+            let silent = now_ms.saturating_sub(w.last_seen_ms) > settings.stalled_after_ms
+                && !paused_by_a_task;
             let idle_with_backlog = self.backlog_since[w.pool].is_some_and(|since| {
                 now_ms.saturating_sub(since.max(w.progress_ms)) > settings.stalled_after_ms
             });
@@ -337,6 +350,7 @@ mod tests {
             stalled_after_ms: STALLED_AFTER,
             queues: vec!["celery".into()],
             replace_stalled: false,
+            heartbeats_pause_in_tasks: false,
         }])
     }
 
@@ -446,6 +460,21 @@ mod tests {
         let c = r.tick(now);
         assert_eq!(c.stalls[0].stall, None);
         assert_eq!(c.writes, vec![(B.to_string(), IDLE_COST)]);
+    }
+
+    #[test]
+    fn a_solo_worker_silent_in_a_long_task_stays_busy() {
+        let mut r = roster();
+        r.pools[0].heartbeats_pause_in_tasks = true;
+        beat(&mut r, A, 1, 0, 4000);
+        beat(&mut r, B, 0, 0, 4000);
+        // Both go silent: A in the middle of its task (a solo pool's main process runs it),
+        // B idle.
+        let later = 4000 + 10 * STALLED_AFTER;
+        let c = r.tick(later);
+        let stalled: Vec<&str> = c.stalls.iter().map(|s| s.pod.as_str()).collect();
+        assert_eq!(stalled, [B]);
+        assert_eq!(r.summary("default").busy, 1);
     }
 
     #[test]
