@@ -73,7 +73,7 @@ fn run(w: &Workload) -> (u64, u64) {
         roster.observe(&event(pod, Kind::Online, 0, 0), 0);
     }
     let (mut writes, mut naive) = (0u64, 0u64);
-    let mut was_active = vec![false; WORKERS];
+    let mut was_active = [false; WORKERS];
     // Heartbeats are spread over the 2 s as workers start at different times.
     let offsets: Vec<u64> = (0..WORKERS)
         .map(|_| (rng.next() * HEARTBEAT_MS as f64) as u64)
@@ -96,7 +96,10 @@ fn run(w: &Workload) -> (u64, u64) {
                 // Tasks started so far (processed as Celery counts it, give or take the
                 // running one: it only matters beside a backlog, and there is none here).
                 let processed = sim.processed;
-                roster.observe(&event(&pods[i], Kind::Heartbeat, active.into(), processed), t);
+                roster.observe(
+                    &event(&pods[i], Kind::Heartbeat, active.into(), processed),
+                    t,
+                );
                 if active != was_active[i] {
                     naive += 1;
                     was_active[i] = active;

@@ -136,7 +136,7 @@ pub enum Subscription {
     /// On Redis: kombu's fanout, a Pub/Sub channel per routing key.
     Redis(RedisEvents),
     /// On RabbitMQ: a queue of the operator's own bound to the `celeryev` exchange.
-    Rabbitmq(RabbitEvents),
+    Rabbitmq(Box<RabbitEvents>),
 }
 
 impl Subscription {
@@ -150,9 +150,9 @@ impl Subscription {
                     RedisEvents::connect(url, &layout.prefix).await?,
                 ))
             }
-            Some(BrokerType::Rabbitmq) => Ok(Subscription::Rabbitmq(
+            Some(BrokerType::Rabbitmq) => Ok(Subscription::Rabbitmq(Box::new(
                 RabbitEvents::connect(url).await?,
-            )),
+            ))),
             None => Err(ProbeError::Url(
                 "unknown scheme: expected redis://, rediss://, amqp:// or amqps://".into(),
             )),

@@ -35,14 +35,32 @@ async fn a_real_worker_is_followed(url: &str) {
     let mut subscription = Subscription::connect(url, &broker).await.unwrap();
     let dir = tempdir::Dir::new("events");
     let argv: Vec<String> = [
-        "celery", "-A", "tasks", "worker", "--pool", "threads", "-c", "1", "-Q", "ev",
-        "--hostname", "work@pod-1", "--loglevel", "WARNING",
+        "celery",
+        "-A",
+        "tasks",
+        "worker",
+        "--pool",
+        "threads",
+        "-c",
+        "1",
+        "-Q",
+        "ev",
+        "--hostname",
+        "work@pod-1",
+        "--loglevel",
+        "WARNING",
     ]
     .map(String::from)
     .to_vec();
     let worker = Worker::run(url, &argv, &[], &dir.path().join("worker.log"));
-    until(&mut subscription, "worker-online", |e| e.kind == Kind::Online).await;
-    let idle = until(&mut subscription, "a heartbeat", |e| e.kind == Kind::Heartbeat).await;
+    until(&mut subscription, "worker-online", |e| {
+        e.kind == Kind::Online
+    })
+    .await;
+    let idle = until(&mut subscription, "a heartbeat", |e| {
+        e.kind == Kind::Heartbeat
+    })
+    .await;
     assert_eq!((idle.active, idle.freq), (0, 2.0));
     python(url, &["send.py", "ev", "1", "0", "6"]);
     until(&mut subscription, "a busy heartbeat", |e| {
@@ -56,7 +74,10 @@ async fn a_real_worker_is_followed(url: &str) {
     assert_eq!(done.processed, 1);
     assert!(subscription.alive().await);
     worker.terminate();
-    until(&mut subscription, "worker-offline", |e| e.kind == Kind::Offline).await;
+    until(&mut subscription, "worker-offline", |e| {
+        e.kind == Kind::Offline
+    })
+    .await;
 }
 
 #[tokio::test]
