@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use tokio::task::AbortHandle;
 
 use crate::children::Child;
+use crate::crd::Celery;
 
 /// A running background loop (a pool's scaler, a resource's event follower); stopped when
 /// dropped.
@@ -62,6 +63,15 @@ impl ResourceStates {
         let loops = states.values().map(|s| s.scalers.len()).sum();
         (states.len(), loops)
     }
+}
+
+/// Whether the resource a background loop runs for is gone: deleted, or replaced by a new one
+/// of the same name (a new uid, with loops of its own). `false` when that cannot be told.
+pub async fn is_gone(api: &kube::Api<Celery>, celery: &Celery) -> bool {
+    use kube::ResourceExt;
+    api.get_opt(&celery.name_any())
+        .await
+        .is_ok_and(|c| c.is_none_or(|c| c.uid() != celery.uid()))
 }
 
 #[cfg(test)]

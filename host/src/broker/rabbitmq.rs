@@ -247,8 +247,8 @@ pub fn amqp_uri(broker: &str) -> Result<lapin::uri::AMQPUri, ProbeError> {
 
 /// A subscription to the worker events Celery publishes on RabbitMQ: a queue of the
 /// operator's own (exclusive, gone with the connection; messages kept 10 s and at most
-/// 10,000, so a slow reader never grows the broker) bound to the `celeryev` topic exchange
-/// with `worker.#`.
+/// 10,000, so a slow reader never grows the broker, and at most 100 in the operator's hands)
+/// bound to the `celeryev` topic exchange with `worker.#`.
 pub struct RabbitEvents {
     connection: lapin::Connection,
     consumer: lapin::Consumer,
@@ -256,12 +256,15 @@ pub struct RabbitEvents {
 
 /// Celery's event exchange.
 const EVENT_EXCHANGE: &str = "celeryev";
+/// Events delivered to the operator and not yet acknowledged, at most.
+const PREFETCH: u16 = 100;
 
 impl RabbitEvents {
     /// Subscribes to the `worker.*` events of the broker at `url`.
     pub async fn connect(url: &str) -> Result<Self, ProbeError> {
         use lapin::options::{
-            BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+            BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+            QueueDeclareOptions,
         };
         use lapin::types::{AMQPValue, FieldTable};
         let failed = |e: lapin::Error| ProbeError::Broker(e.to_string());
@@ -309,14 +312,17 @@ impl RabbitEvents {
             )
             .await
             .map_err(failed)?;
+        // Acknowledged, with at most PREFETCH unacknowledged: the broker never pushes more
+        // than that into the operator's memory; the rest waits in the capped queue.
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(failed)?;
         let consumer = channel
             .basic_consume(
                 queue.name().clone(),
                 "celery-operator".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
+                BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
@@ -332,6 +338,13 @@ impl RabbitEvents {
         use futures::StreamExt;
         loop {
             let delivery = self.consumer.next().await?.ok()?;
+            // Acknowledged on a task of its own: a caller giving up on `next` (it is raced
+            // against a timer) must not leave a delivery unacknowledged, or the prefetch
+            // window would shrink for good.
+            let acker = delivery.acker.clone();
+            tokio::spawn(async move {
+                let _ = acker.ack(lapin::options::BasicAckOptions::default()).await;
+            });
             if let Some(event) = crate::broker::events::from_json(&delivery.data) {
                 return Some(event);
             }

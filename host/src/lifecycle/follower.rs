@@ -72,11 +72,7 @@ pub(super) async fn follow(ctx: Arc<Lifecycle>, celery: Celery, pools: Vec<PoolS
         let (mut subscription, probe) = match connected {
             Ok(c) => c,
             Err(e) => {
-                let gone = celeries
-                    .get_opt(&celery.name_any())
-                    .await
-                    .is_ok_and(|c| c.is_none_or(|c| c.uid() != celery.uid()));
-                if gone {
+                if crate::state::is_gone(&celeries, &celery).await {
                     return;
                 }
                 let why = e.to_string();

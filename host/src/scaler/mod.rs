@@ -216,11 +216,7 @@ async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
                 // Not created yet, or the resource is gone (its state, and this loop with
                 // it, is dropped soon; a resource created again under the same name gets a
                 // new uid and its own loop).
-                let gone = celeries
-                    .get_opt(&celery.name_any())
-                    .await
-                    .is_ok_and(|c| c.is_none_or(|c| c.uid() != celery.uid()));
-                if gone {
+                if crate::state::is_gone(&celeries, &celery).await {
                     return;
                 }
                 tokio::time::sleep(poll).await;

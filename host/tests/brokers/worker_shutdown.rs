@@ -192,17 +192,22 @@ fn the_guardrail_flags_run_on_this_celery() {
     let file = dir.path().join("record.txt");
     python(
         &url,
-        &["send_record.py", "jobs", "3", file.to_str().unwrap(), "5"],
+        &["send_record.py", "jobs", "3", file.to_str().unwrap(), "60"],
     );
     let worker = Worker::run(&url, &argv(&container), &[], &dir.path().join("worker.log"));
     wait_until(Duration::from_secs(30), "a task runs", || {
         !record(&file).0.is_empty()
     });
     // Without prefetch (concurrency 1): one task reserved (the running one), two waiting;
-    // with the pool's prefetch multiplier of 2 it would be two reserved.
-    for _ in 0..10 {
+    // with the pool's prefetch multiplier of 2 it would be two reserved. The task runs for a
+    // minute, so a slow machine still looks while the first one runs.
+    for _ in 0..5 {
         assert_eq!(truth(&url), (2, 1));
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(500));
     }
+    assert!(
+        record(&file).1.is_empty(),
+        "the first task was still running"
+    );
     worker.terminate();
 }

@@ -386,7 +386,20 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// A cold shutdown first (SIGQUIT: Celery terminates its pool's children, which a
+    /// SIGKILL of the parent would leave running their task), then SIGKILL.
     fn drop(&mut self) {
+        if let Ok(None) = self.process.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &self.process.id().to_string()])
+                .status();
+            for _ in 0..50 {
+                if let Ok(Some(_)) = self.process.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
