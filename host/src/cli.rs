@@ -17,11 +17,14 @@ use crate::broker::redis::Layout as RedisLayout;
 use crate::config::{self, Config};
 use crate::crd::Celery;
 use crate::plugin::cli as plugin_cli;
+use crate::plugin::oci::Registries;
+use crate::plugin::signature::TrustedKeys;
 use crate::plugin::{
     Compiler, FailurePolicy, Limits, OPERATOR_AUTOSCALER, PluginConfig, PluginId, Plugins,
-    Registry, Runtime, Sandbox, compile, runtime,
+    Registry, Runtime, Sandbox, compile, oci, runtime, signature,
 };
 use crate::render;
+use oci_client::secrets::RegistryAuth;
 
 /// Runs Celery on Kubernetes from `Celery` custom resources.
 #[derive(Parser)]
@@ -157,11 +160,70 @@ enum PluginCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Checks the plugin, pushes it to a registry as a Wasm OCI artifact, and prints a
+    /// ConfigMap (YAML) that names it by digest, ready for `kubectl apply -f -`.
+    Push {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// Where to push it: `oci://registry/repository:tag`.
+        reference: String,
+        /// Plugin name: what Celery resources and the operator's flags refer to.
+        #[arg(long)]
+        name: String,
+        /// Namespace of the ConfigMap: the operator's own.
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Signs a plugin in a registry with a P-256 key (PKCS#8 PEM), storing the signature
+    /// where `cosign sign --key` does; prints the digest signed.
+    Sign {
+        /// The plugin: `oci://registry/repository:tag[@sha256:...]`.
+        reference: String,
+        /// The private key.
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Compiles a component read from standard input and writes wasmtime's serialized form
     /// to standard output: the bounded child process the operator and the CLI compile
     /// untrusted plugins in. Not for people.
     #[command(hide = true)]
     CompileSandboxed,
+}
+
+/// How the CLI reaches a registry.
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Registries (`host:port`) reached over plain HTTP instead of HTTPS.
+    #[arg(long = "insecure-registry", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
+    /// User name at the registry; the password is read from `REGISTRY_PASSWORD`.
+    #[arg(long, env = "REGISTRY_USERNAME")]
+    username: Option<String>,
+}
+
+impl RegistryArgs {
+    fn registries(&self) -> Registries {
+        Registries {
+            insecure: self.insecure_registries.clone(),
+            trusted_keys: TrustedKeys::default(),
+        }
+    }
+
+    fn auth(&self) -> RegistryAuth {
+        match &self.username {
+            Some(user) => RegistryAuth::Basic(
+                user.clone(),
+                std::env::var("REGISTRY_PASSWORD").unwrap_or_default(),
+            ),
+            None => RegistryAuth::Anonymous,
+        }
+    }
 }
 
 /// Bounds of every plugin call.
@@ -261,6 +323,27 @@ struct RunArgs {
     /// Namespace of the leader-election Lease (default: the plugin namespace).
     #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
     leader_election_namespace: Option<String>,
+    /// Where compiled plugins are kept (by digest and engine configuration), so a
+    /// restarted operator does not compile them again.
+    #[arg(long, env = "PLUGIN_CACHE_DIR")]
+    plugin_cache_dir: Option<PathBuf>,
+    /// PEM public keys (P-256, as `cosign public-key` prints them), or directories of them.
+    /// When any is given, plugins must come from a registry with a cosign signature by one
+    /// of them.
+    #[arg(
+        long = "trusted-key",
+        env = "PLUGIN_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Vec<PathBuf>,
+    /// Registries (`host:port`) reached over plain HTTP instead of HTTPS: for tests and
+    /// local development only.
+    #[arg(
+        long = "insecure-registry",
+        env = "INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -505,6 +588,41 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             print!("{yaml}");
         }
+        PluginCommand::Push {
+            file,
+            reference,
+            name,
+            namespace,
+            registry,
+            limits,
+        } => {
+            let bytes = read(&file)?;
+            let plugin = Runtime::new(limits.limits(), limits.compiler())
+                .load(&bytes)
+                .with_context(|| format!("{} is not a usable plugin", file.display()))?;
+            let target = oci::parse(&reference).map_err(|e| anyhow::anyhow!(e))?;
+            let digest = tokio::runtime::Runtime::new()?
+                .block_on(registry.registries().push(&target, bytes, &registry.auth()))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let pinned = format!("{reference}@{digest}");
+            eprintln!("pushed {pinned}");
+            print!(
+                "{}",
+                plugin_cli::pack_reference(&plugin, &name, namespace.as_deref(), &pinned)
+            );
+        }
+        PluginCommand::Sign {
+            reference,
+            key,
+            registry,
+        } => {
+            let key = signature::signing_key(&key).map_err(|e| anyhow::anyhow!(e))?;
+            let target = oci::parse(&reference).map_err(|e| anyhow::anyhow!(e))?;
+            let digest = tokio::runtime::Runtime::new()?
+                .block_on(registry.registries().sign(&target, &key, &registry.auth()))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("signed {digest}");
+        }
         PluginCommand::CompileSandboxed => {
             compile::serve(runtime::engine()).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -543,9 +661,20 @@ impl RunArgs {
                 shaper_failure: self.shaper_failure_policy,
                 autoscaler_failure: self.autoscaler_failure_policy,
                 scaler_failure: self.scaler_failure_policy,
+                registries: Registries {
+                    insecure: self.insecure_registries,
+                    trusted_keys: TrustedKeys::from_files(&self.trusted_keys)
+                        .map_err(|e| anyhow::anyhow!(e))?,
+                },
             },
             limits: self.limits.limits(),
-            compiler: self.limits.compiler(),
+            compiler: match self.limits.compiler() {
+                Compiler::Sandboxed(sandbox) => Compiler::Sandboxed(Sandbox {
+                    cache_dir: self.plugin_cache_dir,
+                    ..sandbox
+                }),
+                other => other,
+            },
             poll_interval: Duration::from_secs(self.poll_interval_seconds.max(1)),
             leader_election_namespace,
             resync: Duration::from_secs(self.resync_seconds.max(1)),

@@ -68,10 +68,12 @@ pub fn watched_namespaces() -> Vec<Rule> {
 }
 
 /// Permissions in the operator's own namespace: plugin ConfigMaps (read and watched, and
-/// Events about them) and the leader-election Lease.
+/// Events about them), the pull secrets of plugins in registries, and the leader-election
+/// Lease.
 pub fn operator_namespace() -> Vec<Rule> {
     vec![
         rule("", "configmaps", &["list", "watch"]),
+        rule("", "secrets", &["get"]),
         rule("events.k8s.io", "events", &["create"]),
         rule(
             "coordination.k8s.io",

@@ -463,6 +463,7 @@ pub async fn run(
                 client.clone(),
                 plugin_ns.clone(),
                 ctx.plugins.registry.clone(),
+                ctx.plugins.config.registries.clone(),
                 ctx.metrics.clone(),
                 ctx.events.clone(),
                 move || {

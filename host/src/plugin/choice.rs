@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use super::oci::Registries;
 use super::{FailurePolicy, PluginId, Registry};
 use crate::crd::{Autoscaling, MetricName, WorkerPool};
 
@@ -34,6 +35,8 @@ pub struct PluginConfig {
     pub autoscaler_failure: FailurePolicy,
     /// What a scaling-decision plugin failure does.
     pub scaler_failure: FailurePolicy,
+    /// How plugins in registries are reached and which signatures they need.
+    pub registries: Registries,
 }
 
 impl Default for PluginConfig {
@@ -46,6 +49,7 @@ impl Default for PluginConfig {
             shaper_failure: FailurePolicy::Fail,
             autoscaler_failure: FailurePolicy::KeepLastGood,
             scaler_failure: FailurePolicy::KeepLastGood,
+            registries: Registries::default(),
         }
     }
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::bindings::{autoscaler, scaler, shaper};
-use super::configmap::{PLUGIN_LABEL, WASM_GZ_KEY, WASM_KEY};
+use super::configmap::{OCI_KEY, PLUGIN_LABEL, WASM_GZ_KEY, WASM_KEY};
 use super::{Compiler, Limits, Plugin, PluginError, Role, Runtime, WIT_PACKAGE, settings_text};
 
 /// Largest component `pack` writes into a ConfigMap: Kubernetes stores at most about 1 MiB
@@ -264,10 +264,35 @@ pub fn pack(
     if data.len() > MAX_PACKED_BYTES {
         return Err(format!(
             "the plugin is {} bytes ({key}); a ConfigMap holds at most about {MAX_PACKED_BYTES}. \
-             Build it smaller (opt-level \"s\", LTO, panic = \"abort\", strip)",
+             Build it smaller (opt-level \"s\", LTO, panic = \"abort\", strip), or ship it \
+             from a registry (`celery-operator plugin push`)",
             data.len()
         ));
     }
+    let mut cm = plugin_configmap(name, namespace, &plugin);
+    cm.binary_data = Some(BTreeMap::from([(key.to_string(), ByteString(data))]));
+    Ok(to_yaml(&cm))
+}
+
+/// A ConfigMap (YAML) that names `plugin`, pushed to the registry as `reference` (pinned by
+/// digest), for the operator to pull.
+pub fn pack_reference(
+    plugin: &Plugin,
+    name: &str,
+    namespace: Option<&str>,
+    reference: &str,
+) -> String {
+    let mut cm = plugin_configmap(name, namespace, plugin);
+    cm.data = Some(BTreeMap::from([(
+        OCI_KEY.to_string(),
+        reference.to_string(),
+    )]));
+    to_yaml(&cm)
+}
+
+/// A plugin ConfigMap's metadata: the label naming the plugin, and annotations saying
+/// which build it is.
+fn plugin_configmap(name: &str, namespace: Option<&str>, plugin: &Plugin) -> ConfigMap {
     let mut cm = ConfigMap::default();
     cm.metadata.name = Some(format!("celery-plugin-{name}"));
     cm.metadata.namespace = namespace.map(String::from);
@@ -290,9 +315,12 @@ pub fn pack(
                 .join(","),
         ),
     ]));
-    cm.binary_data = Some(BTreeMap::from([(key.to_string(), ByteString(data))]));
-    let mut value = serde_json::to_value(&cm).expect("serializes");
+    cm
+}
+
+fn to_yaml(cm: &ConfigMap) -> String {
+    let mut value = serde_json::to_value(cm).expect("serializes");
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("ConfigMap");
-    Ok(serde_saphyr::to_string(&value).expect("serializes"))
+    serde_saphyr::to_string(&value).expect("serializes")
 }

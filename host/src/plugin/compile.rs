@@ -11,6 +11,12 @@
 //!
 //! The operator compiles the built-in plugins the same way (it keeps the compiler out of its
 //! own memory); `render` and the tests compile them in process.
+//!
+//! With a cache directory, the serialized form is also kept on disk, keyed by the
+//! component's digest and the engine's configuration, so a restarted operator loads its
+//! plugins without compiling. A cache file carries the sha256 of what follows it: a corrupt
+//! file is deleted and the component compiled again; a file from another wasmtime or
+//! configuration has another name, and wasmtime refuses it anyway.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -47,6 +53,8 @@ pub struct Sandbox {
     pub timeout: Duration,
     /// Memory (data segment: heap and anonymous mappings) the compilation may use.
     pub memory_bytes: u64,
+    /// Where compiled components are kept across restarts (`None`: not kept).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -62,6 +70,7 @@ impl Sandbox {
             program: std::env::current_exe().unwrap_or_else(|_| "celery-operator".into()),
             timeout,
             memory_bytes,
+            cache_dir: None,
         }
     }
 }
@@ -72,15 +81,74 @@ impl Compiler {
         match self {
             Compiler::InProcess => Component::new(engine, bytes).map_err(invalid),
             Compiler::Sandboxed(sandbox) => {
+                let cached = sandbox
+                    .cache_dir
+                    .as_ref()
+                    .map(|dir| dir.join(cache_name(engine, bytes)));
+                if let Some(component) = cached.as_ref().and_then(|f| load_cached(engine, f)) {
+                    return Ok(component);
+                }
                 let artifact = sandbox.run(bytes)?;
                 // SAFETY: the artifact comes from our own child process, which compiled it
                 // with this binary's engine configuration; wasmtime checks the version and
                 // configuration it was made with before using it.
-                unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| {
-                    PluginError::Invalid(format!("the compiled component does not load: {e:#}"))
-                })
+                let component =
+                    unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| {
+                        PluginError::Invalid(format!("the compiled component does not load: {e:#}"))
+                    })?;
+                if let Some(file) = cached {
+                    store_cached(&file, &artifact);
+                }
+                Ok(component)
             }
         }
+    }
+}
+
+/// The cache file of `bytes` compiled for `engine`.
+fn cache_name(engine: &Engine, bytes: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let digest = super::Runtime::digest(bytes);
+    let hex = digest.trim_start_matches("sha256:");
+    format!("{hex}-{:016x}.cwasm", hasher.finish())
+}
+
+/// The component in the cache file `file`, if it is there and intact; a damaged file is
+/// removed.
+fn load_cached(engine: &Engine, file: &std::path::Path) -> Option<Component> {
+    use sha2::{Digest, Sha256};
+    let data = std::fs::read(file).ok()?;
+    let intact = data.len() > 32 && Sha256::digest(&data[32..]).as_slice() == &data[..32];
+    // SAFETY: the file was written by `store_cached` in a directory only this operator
+    // writes, and its checksum matches; wasmtime checks its version and configuration.
+    let component = intact
+        .then(|| unsafe { Component::deserialize(engine, &data[32..]) }.ok())
+        .flatten();
+    if component.is_none() {
+        tracing::warn!(file = %file.display(), "ignoring a damaged or foreign compiled-plugin cache file");
+        let _ = std::fs::remove_file(file);
+    }
+    component
+}
+
+/// Writes a cache file atomically (a temporary file renamed), so a crash leaves no half
+/// file. A cache that cannot be written only costs a compile on the next start.
+fn store_cached(file: &std::path::Path, artifact: &[u8]) {
+    use sha2::{Digest, Sha256};
+    let temporary = file.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::create_dir_all(file.parent().expect("a file in a directory"))
+        .and_then(|()| {
+            let mut out = std::fs::File::create(&temporary)?;
+            out.write_all(&Sha256::digest(artifact))?;
+            out.write_all(artifact)?;
+            out.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, file));
+    if let Err(e) = written {
+        tracing::warn!(file = %file.display(), error = %e, "cannot write the compiled-plugin cache");
+        let _ = std::fs::remove_file(&temporary);
     }
 }
 

@@ -10,9 +10,11 @@ pub mod choice;
 pub mod cli;
 pub mod compile;
 pub mod configmap;
+pub mod oci;
 pub mod policy;
 pub mod registry;
 pub mod runtime;
+pub mod signature;
 pub mod wasi;
 
 use std::time::Duration;

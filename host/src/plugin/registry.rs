@@ -48,6 +48,28 @@ pub enum Source {
     Builtin,
     /// A ConfigMap, as `namespace/name`.
     ConfigMap(String),
+    /// A registry, named by a ConfigMap.
+    Oci {
+        /// The ConfigMap, as `namespace/name`.
+        configmap: String,
+        /// What was pulled, pinned: `registry/repository@sha256:<manifest digest>`.
+        pinned: String,
+        /// The trusted key that signed it, when the cluster requires signatures.
+        signed_by: Option<String>,
+    },
+}
+
+impl Source {
+    /// The ConfigMap that provided the plugin, as `namespace/name`.
+    pub fn configmap(&self) -> Option<&str> {
+        match self {
+            Source::Builtin => None,
+            Source::ConfigMap(name)
+            | Source::Oci {
+                configmap: name, ..
+            } => Some(name),
+        }
+    }
 }
 
 impl std::fmt::Display for Source {
@@ -55,6 +77,15 @@ impl std::fmt::Display for Source {
         match self {
             Source::Builtin => f.write_str("builtin"),
             Source::ConfigMap(name) => write!(f, "configmap {name}"),
+            Source::Oci {
+                pinned, signed_by, ..
+            } => {
+                write!(f, "oci://{pinned}")?;
+                match signed_by {
+                    Some(key) => write!(f, " signed by {key}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -188,20 +219,43 @@ impl Registry {
         }
     }
 
-    /// Forgets the plugin a ConfigMap provided (the ConfigMap was deleted): a built-in of
-    /// the same name takes over again.
-    pub fn remove(&self, name: &str, source: &Source) {
+    /// Records a build refused before it could be compiled (not pulled, not signed); the
+    /// running one stays.
+    pub fn refuse(&self, name: &str, rejection: Rejection) {
+        let mut entries = self.entries.write().expect("registry lock");
+        entries.entry(name.to_string()).or_default().rejected = Some(rejection);
+    }
+
+    /// Forgets the refusal of a build of `name`; whether there was one.
+    pub fn clear_rejection(&self, name: &str) -> bool {
+        let mut entries = self.entries.write().expect("registry lock");
+        entries
+            .get_mut(name)
+            .is_some_and(|e| e.rejected.take().is_some())
+    }
+
+    /// Forgets the plugin the ConfigMap `configmap` (`namespace/name`) provided (it was
+    /// deleted): a built-in of the same name takes over again.
+    pub fn remove(&self, name: &str, configmap: &str) {
         let mut entries = self.entries.write().expect("registry lock");
         let Some(entry) = entries.get_mut(name) else {
             return;
         };
-        if entry.current.as_ref().is_some_and(|(_, s)| s == source) {
+        if entry
+            .current
+            .as_ref()
+            .is_some_and(|(_, s)| s.configmap() == Some(configmap))
+        {
             entry.current = self
                 .builtins
                 .get(name)
                 .map(|p| (p.clone(), Source::Builtin));
         }
-        if entry.rejected.as_ref().is_some_and(|r| &r.source == source) {
+        if entry
+            .rejected
+            .as_ref()
+            .is_some_and(|r| r.source.configmap() == Some(configmap))
+        {
             entry.rejected = None;
         }
         if entry.current.is_none() {

@@ -16,6 +16,7 @@
 //! - `reconcile`: invalid specs, a failed apply.
 //! - `autoscaling`: HPA to KEDA, the operator's own queue-length scaler on a real Redis.
 //! - `plugins`: plugin ConfigMaps swapped live, hostile plugins.
+//! - `registry`: plugins pulled from a registry by digest, signatures required.
 //! - `resilience`: API faults and outages, leader election, 200 resources.
 //! - `workers`: worker heartbeats rank pods (deletion cost), a silent worker's pod evicted.
 
@@ -26,6 +27,7 @@ mod autoscaling;
 mod lifecycle;
 mod plugins;
 mod reconcile;
+mod registry;
 mod resilience;
 mod workers;
 

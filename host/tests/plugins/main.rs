@@ -12,6 +12,7 @@ use celery_operator::children::ChildKind;
 use celery_operator::crd::{Celery, CelerySpec};
 use celery_operator::plugin::bindings::{autoscaler::PoolInput, scaler, shaper::ShapeInput};
 use celery_operator::plugin::configmap::{self, Loaded, PLUGIN_LABEL, WASM_KEY};
+use celery_operator::plugin::oci::Registries;
 use celery_operator::plugin::registry::Source;
 use celery_operator::plugin::{
     Compiler, FailurePolicy, Limits, PluginError, PluginId, Registry, Role, Runtime, Sandbox,
@@ -31,6 +32,7 @@ fn compiler() -> Compiler {
         program: env!("CARGO_BIN_EXE_celery-operator").into(),
         timeout: Duration::from_secs(60),
         memory_bytes: 1 << 30,
+        cache_dir: None,
     })
 }
 
@@ -597,7 +599,20 @@ fn configmap(name: &str, bytes: &[u8]) -> ConfigMap {
 
 #[test]
 fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
-    let registry = Registry::with_builtins(Arc::new(runtime())).unwrap();
+    let registry = Arc::new(Registry::with_builtins(Arc::new(runtime())).unwrap());
+    // Components in ConfigMaps: no registry and no API server is reached.
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    let client = tokio.block_on(async {
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap()
+    });
+    let load = |cm: &ConfigMap| {
+        tokio.block_on(configmap::load(
+            &registry,
+            &Registries::default(),
+            &client,
+            cm,
+        ))
+    };
     let wanted = PluginId {
         name: "hpa".into(),
         digest: None,
@@ -611,7 +626,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
 
     // A new good build (here: the keda plugin under the name hpa) replaces the built-in.
     let good = configmap("hpa", builtin::KEDA);
-    let Loaded::Swapped { digest, .. } = configmap::load(&registry, &good) else {
+    let Loaded::Swapped { digest, .. } = load(&good) else {
         panic!("not swapped")
     };
     let running = || {
@@ -623,7 +638,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
             .clone()
     };
     assert_eq!(running(), digest);
-    assert_eq!(configmap::load(&registry, &good), Loaded::Unchanged);
+    assert_eq!(load(&good), Loaded::Unchanged);
 
     // A broken build, or one of another WIT version, or of another role, is refused and
     // the good one keeps running.
@@ -632,8 +647,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
         (fixture("future_version"), "celery:operator/scaler@0.2.0"),
         (builtin::NOOP.to_vec(), "implements"),
     ] {
-        let Loaded::Refused { error, .. } = configmap::load(&registry, &configmap("hpa", &bytes))
-        else {
+        let Loaded::Refused { error, .. } = load(&configmap("hpa", &bytes)) else {
             panic!("a broken build was accepted")
         };
         assert!(error.contains(why), "{error}");
@@ -667,7 +681,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
     );
 
     // Deleting the ConfigMap brings the built-in back.
-    registry.remove("hpa", &Source::ConfigMap("ops/hpa-plugin".into()));
+    registry.remove("hpa", "ops/hpa-plugin");
     assert_eq!(
         registry
             .resolve(Role::Autoscaler, &wanted)
@@ -827,6 +841,7 @@ fn compilation_is_bounded_in_time_and_memory() {
             program: env!("CARGO_BIN_EXE_celery-operator").into(),
             timeout: Duration::from_secs(3),
             memory_bytes: 256 << 20,
+            cache_dir: None,
         }),
     );
     let before = rss();
@@ -1539,4 +1554,65 @@ fn keda_objects_are_valid_for_kedas_crds() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn compiled_plugins_are_cached_on_disk_and_a_damaged_file_is_not_trusted() {
+    let dir = support::tempdir::Dir::new("compile-cache");
+    let compiler = |program: &str| {
+        Compiler::Sandboxed(Sandbox {
+            program: program.into(),
+            timeout: Duration::from_secs(60),
+            memory_bytes: 1 << 30,
+            cache_dir: Some(dir.path().into()),
+        })
+    };
+    let engine = celery_operator::plugin::runtime::engine();
+    let compiled = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>()
+    };
+    let real = env!("CARGO_BIN_EXE_celery-operator");
+    let missing = "/nonexistent/celery-operator";
+
+    compiler(real)
+        .compile(engine, builtin::QUEUE_LENGTH)
+        .unwrap();
+    let files = compiled();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_str().unwrap().ends_with(".cwasm"));
+    // A later start loads it without compiling: here no compiler could run.
+    compiler(missing)
+        .compile(engine, builtin::QUEUE_LENGTH)
+        .unwrap();
+    // Another component is not served from that file.
+    let error = compiler(missing).compile(engine, builtin::HPA).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("cannot start the plugin compiler"),
+        "{error}"
+    );
+
+    // A damaged file is not trusted: it is removed and the component compiled again.
+    let mut data = std::fs::read(&files[0]).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    std::fs::write(&files[0], &data).unwrap();
+    let error = compiler(missing)
+        .compile(engine, builtin::QUEUE_LENGTH)
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("cannot start the plugin compiler"),
+        "{error}"
+    );
+    assert!(compiled().is_empty(), "the damaged file is gone");
+    compiler(real)
+        .compile(engine, builtin::QUEUE_LENGTH)
+        .unwrap();
+    assert_eq!(compiled(), files);
 }

@@ -107,6 +107,75 @@ impl Drop for Redis {
     }
 }
 
+/// A container registry (Debian's `docker-registry`: the distribution registry v2) on
+/// 127.0.0.1 over plain HTTP, storing in a temporary directory.
+pub struct OciRegistry {
+    pub port: u16,
+    process: Option<Child>,
+    dir: tempdir::Dir,
+}
+
+impl OciRegistry {
+    pub fn start() -> OciRegistry {
+        require(
+            "docker-registry",
+            Command::new("docker-registry").arg("--version"),
+        );
+        let mut registry = OciRegistry {
+            port: free_port(),
+            process: None,
+            dir: tempdir::Dir::new("registry"),
+        };
+        registry.resume();
+        registry
+    }
+
+    /// `host:port`, as references and `--insecure-registry` name it.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the registry (its storage stays, for [`OciRegistry::resume`]).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn resume(&mut self) {
+        let config = self.dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: '127.0.0.1:{}'}}\n",
+                self.dir.path().join("data").display(),
+                self.port
+            ),
+        )
+        .unwrap();
+        let process = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry starts");
+        self.process = Some(process);
+        let port = self.port;
+        wait_until(Duration::from_secs(10), "the registry serves /v2/", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A RabbitMQ node with its management plugin, on 127.0.0.1 only: AMQP, management,
 /// Erlang distribution and its own `epmd` on free ports, data, logs and the Erlang cookie
 /// in a temporary directory. The node and its epmd are killed when dropped.
