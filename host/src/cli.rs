@@ -18,10 +18,11 @@ use crate::config::{self, Config};
 use crate::crd::Celery;
 use crate::plugin::cli as plugin_cli;
 use crate::plugin::oci::Registries;
+use crate::plugin::scaffold::Lang;
 use crate::plugin::signature::TrustedKeys;
 use crate::plugin::{
     Compiler, FailurePolicy, Limits, OPERATOR_AUTOSCALER, PluginConfig, PluginId, Plugins,
-    Registry, Runtime, Sandbox, compile, oci, runtime, signature,
+    Registry, Runtime, Sandbox, compile, oci, runtime, scaffold, signature,
 };
 use crate::render;
 use oci_client::secrets::RegistryAuth;
@@ -159,6 +160,25 @@ enum PluginCommand {
         namespace: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Scaffolds a plugin project that builds, with a test: in Rust (the SDK) or Python
+    /// (componentize-py).
+    New {
+        /// Plugin name: the project's directory and package.
+        name: String,
+        /// The world: `scaler`, `shaper` or `autoscaler`.
+        #[arg(long)]
+        world: String,
+        /// The language.
+        #[arg(long, value_enum, default_value_t = Lang::Rust)]
+        lang: Lang,
+        /// Where to write it (default: ./NAME). Must not exist, or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Rust: depend on this local SDK (`plugins/sdk` of a checkout) instead of the
+        /// project's git repository.
+        #[arg(long)]
+        sdk_path: Option<PathBuf>,
     },
     /// Checks the plugin, pushes it to a registry as a Wasm OCI artifact, and prints a
     /// ConfigMap (YAML) that names it by digest, ready for `kubectl apply -f -`.
@@ -587,6 +607,23 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             print!("{yaml}");
+        }
+        PluginCommand::New {
+            name,
+            world,
+            lang,
+            dir,
+            sdk_path,
+        } => {
+            let role = plugin_cli::role_of_world(&world).with_context(|| {
+                format!("unknown world {world:?}: use scaler, shaper or autoscaler")
+            })?;
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let written = scaffold::scaffold(&dir, &name, role, lang, sdk_path.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            for file in written {
+                println!("{}", file.display());
+            }
         }
         PluginCommand::Push {
             file,

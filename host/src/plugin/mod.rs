@@ -14,6 +14,7 @@ pub mod oci;
 pub mod policy;
 pub mod registry;
 pub mod runtime;
+pub mod scaffold;
 pub mod signature;
 pub mod wasi;
 

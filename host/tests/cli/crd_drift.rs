@@ -56,3 +56,17 @@ fn crd_serves_v1alpha1_with_status_and_short_name() {
         ["Ready", "Workers", "Flower", "Beat", "Reason", "Age"]
     );
 }
+
+#[test]
+fn the_python_sdk_carries_the_wit() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let wit = std::fs::read_to_string(format!("{root}/wit/celery-operator.wit")).unwrap();
+    let copy = std::fs::read_to_string(format!(
+        "{root}/plugins/python/celery_operator_plugin/wit/celery-operator.wit"
+    ))
+    .unwrap_or_default();
+    assert!(
+        copy == wit,
+        "plugins/python/celery_operator_plugin/wit/ is out of date; copy wit/celery-operator.wit there"
+    );
+}

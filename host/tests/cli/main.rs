@@ -299,3 +299,58 @@ fn plugin_check_and_run_are_bounded_on_hostile_components() {
         "{printed}"
     );
 }
+
+/// The worked Python example (`examples/plugins/drain-time`), built with the Python SDK and
+/// called like the operator calls it: its settings, its refusal of wrong ones.
+#[test]
+fn the_python_example_builds_and_decides() {
+    let dir = support::tempdir::Dir::new("drain-time");
+    let wasm = dir.path().join("drain_time.wasm");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let built = Command::new("python3")
+        .args([
+            "-m",
+            "celery_operator_plugin",
+            "build",
+            "app",
+            "--world",
+            "scaler",
+        ])
+        .arg("-o")
+        .arg(&wasm)
+        .env("PYTHONPATH", format!("{root}/plugins/python"))
+        .current_dir(format!("{root}/examples/plugins/drain-time"))
+        .status()
+        .expect("python3 runs");
+    assert!(built.success());
+    let run = |input: &str| {
+        operator(&[
+            "plugin",
+            "run",
+            wasm.to_str().unwrap(),
+            "--world",
+            "scaler-plugin",
+            "--input",
+            input,
+            "--plugin-timeout-ms",
+            "2000",
+            "--plugin-compile-timeout-seconds",
+            "120",
+            "--plugin-compile-memory-mib",
+            "1024",
+        ])
+    };
+    let out = run("examples/plugins/drain-time/input.json");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["replicas"], 8, "{decision}");
+    // The business-hours settings are not this plugin's: refused, with the reason.
+    let out = run("examples/plugins/inputs/scaler.json");
+    assert!(!out.status.success());
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("drain-time: unknown settings"), "{error}");
+}

@@ -3,7 +3,7 @@
 //! signed with the CLI. On the real control plane, as the chart's ServiceAccount (the pull
 //! secret is read with the chart's RBAC).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -252,4 +252,183 @@ workers:
     let cached = std::fs::read_dir(cache.path()).unwrap().count();
     assert!(cached >= 4, "{cached} compiled plugins in the cache");
     cluster.assert_rbac(mark, &op);
+}
+
+/// The repository's root.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
+}
+
+/// `plugin new NAME --world scaler --lang LANG` in `dir`, built; the component.
+fn scaffold_and_build(dir: &Path, name: &str, lang: &str) -> PathBuf {
+    let sdk = repo().join("plugins/sdk");
+    plugin_cli(&[
+        "new",
+        name,
+        "--world",
+        "scaler",
+        "--lang",
+        lang,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--sdk-path",
+        sdk.to_str().unwrap(),
+    ]);
+    let status = match lang {
+        "python" => Command::new("python3")
+            .args([
+                "-m",
+                "celery_operator_plugin",
+                "build",
+                "app",
+                "--world",
+                "scaler",
+            ])
+            .args(["-o", &format!("{name}.wasm")])
+            .env("PYTHONPATH", repo().join("plugins/python"))
+            .current_dir(dir)
+            .status(),
+        _ => {
+            // The plugins' own target directory and lock file: the SDK's dependencies are
+            // built already.
+            std::fs::copy(repo().join("plugins/Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+            let binary = Path::new(env!("CARGO_BIN_EXE_celery-operator"));
+            let target = binary
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join("wasm-plugins");
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--release", "--target", "wasm32-wasip2"])
+                .env("CARGO_TARGET_DIR", &target)
+                .current_dir(dir)
+                .status();
+            let lib = name.replace('-', "_");
+            let built = target.join(format!("wasm32-wasip2/release/{lib}.wasm"));
+            let _ = std::fs::copy(built, dir.join(format!("{name}.wasm")));
+            status
+        }
+    };
+    assert!(status.unwrap().success(), "building the {lang} scaffold");
+    dir.join(format!("{name}.wasm"))
+}
+
+/// The acceptance path of a plugin author: `plugin new` in Python and in Rust, built,
+/// pushed, signed, pulled by digest by an operator that requires signatures, and deciding
+/// the replicas of a pool on a real Redis backlog.
+#[tokio::test]
+async fn scaffolded_python_and_rust_scalers_scale_pools_from_a_registry_on_the_real_control_plane()
+{
+    let cluster = Cluster::real().await;
+    let registry = OciRegistry::start();
+    let work = tempdir::Dir::new("scaffolds");
+    let (key, public) = key_pair(work.path(), "ops", 11);
+    let mut digests = Vec::new();
+    let configmaps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), &cluster.operator_ns);
+    for (name, lang) in [("py-scaler", "python"), ("rs-scaler", "rust")] {
+        let wasm = scaffold_and_build(&work.path().join(name), name, lang);
+        let bytes = std::fs::read(&wasm).unwrap();
+        digests.push(format!("sha256:{:x}", Sha256::digest(&bytes)));
+        let reference = format!("oci://{}/plugins/{name}:0.1.0", registry.host());
+        let yaml = plugin_cli(&[
+            "push",
+            wasm.to_str().unwrap(),
+            &reference,
+            "--name",
+            name,
+            "--namespace",
+            &cluster.operator_ns,
+            "--insecure-registry",
+            &registry.host(),
+            "--plugin-compile-timeout-seconds",
+            "120",
+            "--plugin-compile-memory-mib",
+            "1024",
+        ]);
+        let cm: Value = serde_saphyr::from_str(&yaml).unwrap();
+        sign(&registry, &cm, &key);
+        configmaps
+            .create(&Default::default(), &serde_json::from_value(cm).unwrap())
+            .await
+            .unwrap();
+    }
+
+    let redis = crate::support::Redis::start();
+    cluster.secret(&redis.url()).await;
+    let op = cluster.operator(
+        "operator",
+        &[
+            "--trusted-key",
+            public.to_str().unwrap(),
+            "--insecure-registry",
+            &registry.host(),
+            // A Python component is ~18 MB: seconds and ~400 MiB to compile in this debug
+            // build; its calls take milliseconds.
+            "--plugin-compile-timeout-seconds",
+            "120",
+            "--plugin-compile-memory-mib",
+            "1024",
+            "--plugin-timeout-ms",
+            "2000",
+        ],
+    );
+    let pool = |name: &str, scaler: &str| {
+        format!(
+            "  - name: {name}\n    queues: [{name}]\n    autoscaling:\n      minReplicas: 1\n      maxReplicas: 10\n      pollIntervalSeconds: 1\n      scaler: {{name: {scaler}}}\n      metrics: [{{name: taskQueueLength, target: {{type: AverageValue, averageValue: \"5\"}}}}]\n"
+        )
+    };
+    let spec = format!(
+        "app: tasks\nimage: img\nbroker: {{type: redis, secretRef: {{name: broker, key: url}}}}\nworkers:\n{}{}",
+        pool("py", "py-scaler"),
+        pool("rs", "rs-scaler")
+    );
+    cluster.apply_celery(&cluster.celery("shop", &spec)).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for queue in ["py", "rs"] {
+        let tasks: Vec<String> = (0..37).map(|i| format!("task-{i}")).collect();
+        redis::cmd("RPUSH")
+            .arg(queue)
+            .arg(&tasks)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    // 37 tasks at 5 per replica: each scaffold asks for 8, and says so in its own words.
+    for ((pool, plugin), digest) in [("py", "py-scaler"), ("rs", "rs-scaler")]
+        .into_iter()
+        .zip(&digests)
+    {
+        let entry = wait(
+            LONG,
+            &format!("{plugin} scales pool {pool} to 8"),
+            &op,
+            || async {
+                let c = cluster.celeries().get("shop").await.ok()?;
+                let entries = c.data["status"]["scaling"].as_array()?.clone();
+                entries
+                    .into_iter()
+                    .find(|e| e["pool"] == pool && e["desiredReplicas"] == 8)
+            },
+        )
+        .await;
+        assert_eq!(entry["plugin"], format!("{plugin} {digest}"), "{entry}");
+        assert_eq!(entry["reason"], "37 tasks at 5 per replica", "{entry}");
+        let replicas = cluster
+            .deployments()
+            .get(&format!("shop-worker-{pool}"))
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas;
+        assert_eq!(replicas, Some(8));
+    }
 }
