@@ -180,6 +180,37 @@ enum PluginCommand {
         #[arg(long)]
         sdk_path: Option<PathBuf>,
     },
+    /// Replays a recorded trace of queue samples (CSV) through a scaler plugin and the
+    /// built-in queue-length, each in the operator's own scaler loop; prints replicas over
+    /// time, the reaction and the replica-seconds of each, and plots them.
+    Simulate {
+        /// The scaler component (`.wasm`).
+        file: PathBuf,
+        /// The trace: CSV with `second`, `ready` and optionally `reserved` and `queue`
+        /// columns (or the sandbox's `samples.csv`).
+        #[arg(long)]
+        trace: PathBuf,
+        /// The plugin's settings, as JSON.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+        /// The pool's taskQueueLength target (tasks per replica).
+        #[arg(long, default_value_t = 5.0)]
+        target: f64,
+        /// The pool's minReplicas.
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        /// The pool's maxReplicas.
+        #[arg(long, default_value_t = 10)]
+        max: u32,
+        /// Replicas at the start of the trace (default: min).
+        #[arg(long)]
+        start: Option<u32>,
+        /// Write the plot (SVG) here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Checks the plugin, pushes it to a registry as a Wasm OCI artifact, and prints a
     /// ConfigMap (YAML) that names it by digest, ready for `kubectl apply -f -`.
     Push {
@@ -625,6 +656,27 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 println!("{}", file.display());
             }
         }
+        PluginCommand::Simulate {
+            file,
+            trace,
+            settings,
+            target,
+            min,
+            max,
+            start,
+            plot,
+            limits,
+        } => simulate_plugin(SimulateArgs {
+            file,
+            trace,
+            settings,
+            target,
+            min,
+            max,
+            start,
+            plot,
+            limits,
+        })?,
         PluginCommand::Push {
             file,
             reference,
@@ -663,6 +715,64 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::CompileSandboxed => {
             compile::serve(runtime::engine()).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+    }
+    Ok(())
+}
+
+struct SimulateArgs {
+    file: PathBuf,
+    trace: PathBuf,
+    settings: String,
+    target: f64,
+    min: u32,
+    max: u32,
+    start: Option<u32>,
+    plot: Option<PathBuf>,
+    limits: LimitArgs,
+}
+
+fn simulate_plugin(args: SimulateArgs) -> anyhow::Result<()> {
+    use crate::simulate;
+    let csv = std::fs::read_to_string(&args.trace)
+        .with_context(|| format!("reading {}", args.trace.display()))?;
+    let trace =
+        simulate::parse(&csv).map_err(|e| anyhow::anyhow!("{}: {e}", args.trace.display()))?;
+    let settings: serde_json::Value =
+        serde_json::from_str(&args.settings).context("--settings is not JSON")?;
+    anyhow::ensure!(args.target > 0.0, "--target must be positive");
+    anyhow::ensure!(args.min <= args.max, "--min must not be above --max");
+    let autoscaling: crate::crd::Autoscaling = serde_json::from_value(serde_json::json!({
+        "minReplicas": args.min,
+        "maxReplicas": args.max,
+        "metrics": [{"name": "taskQueueLength",
+                     "target": {"type": "AverageValue", "averageValue": args.target.to_string()}}],
+        "scaler": {"name": "plugin", "settings": settings},
+    }))?;
+    let runtime = Arc::new(Runtime::new(args.limits.limits(), args.limits.compiler()));
+    let registry = Arc::new(Registry::with_builtins(runtime)?);
+    let name = args
+        .file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty() && s != "queue-length")
+        .unwrap_or_else(|| "plugin".into());
+    registry
+        .install(
+            &name,
+            &read(&args.file)?,
+            crate::plugin::registry::Source::ConfigMap(args.file.display().to_string()),
+        )
+        .with_context(|| format!("{} is not a usable plugin", args.file.display()))?;
+    let start = args.start.unwrap_or(args.min);
+    let runs: Vec<_> = [name.as_str(), "queue-length"]
+        .into_iter()
+        .map(|n| simulate::replay(registry.clone(), n, &autoscaling, &trace, start))
+        .collect();
+    print!("{}", simulate::report(&trace, &runs, args.target));
+    if let Some(path) = args.plot {
+        let svg = simulate::plot(&trace, &runs).map_err(|e| anyhow::anyhow!(e))?;
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("plot: {}", path.display());
     }
     Ok(())
 }

@@ -38,6 +38,7 @@ pub mod render;
 pub mod sandbox;
 pub mod scaler;
 pub mod shape;
+pub mod simulate;
 pub mod state;
 pub mod status;
 pub mod text;

@@ -118,17 +118,22 @@ pub struct Series<'a> {
 }
 
 /// One line of a chart.
-struct Line {
-    label: String,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
-    dashed: bool,
+pub struct Line {
+    /// Its legend.
+    pub label: String,
+    /// (seconds, value).
+    pub points: Vec<(f64, f64)>,
+    /// Its colour.
+    pub color: RGBColor,
+    /// Drawn dashed.
+    pub dashed: bool,
 }
 
-type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+/// Where a chart is drawn.
+pub type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
 /// Draws `lines` on `area`, from 0 to `t_max` seconds and 0 to their highest value.
-fn chart(area: &Area, caption: &str, t_max: f64, lines: Vec<Line>) -> Result<(), String> {
+pub fn chart(area: &Area, caption: &str, t_max: f64, lines: Vec<Line>) -> Result<(), String> {
     let y_max = lines
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.1))

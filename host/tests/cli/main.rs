@@ -354,3 +354,63 @@ fn the_python_example_builds_and_decides() {
     let error = String::from_utf8_lossy(&out.stderr);
     assert!(error.contains("drain-time: unknown settings"), "{error}");
 }
+
+/// `plugin simulate` replays a trace through a plugin and the built-in queue-length, in the
+/// operator's own scaler loop: the business-hours floor shows in the replicas and costs
+/// replica-seconds; the plot is written.
+#[test]
+fn plugin_simulate_compares_a_scaler_with_queue_length_on_a_trace() {
+    let dir = support::tempdir::Dir::new("simulate");
+    let svg = dir.path().join("sim.svg");
+    let out = operator(&[
+        "plugin",
+        "simulate",
+        &support::plugin_path("business_hours"),
+        "--trace",
+        "examples/plugins/traces/burst.csv",
+        "--settings",
+        r#"{"minDuringBusinessHours": 3, "startHour": 0, "endHour": 24, "weekdaysOnly": false}"#,
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let header = text.lines().next().unwrap();
+    assert!(
+        header.contains("business_hours") && header.contains("queue-length"),
+        "{text}"
+    );
+    // The floor of 3 holds where queue-length goes back to 1.
+    let last = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("800.0"))
+        .unwrap();
+    assert_eq!(
+        last.split_whitespace().collect::<Vec<_>>(),
+        ["800.0", "0", "3", "1"]
+    );
+    let spent = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words[words.len() - 2].parse().unwrap()
+    };
+    assert!(spent("business_hours") > spent("queue-length"), "{text}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+
+    let bad = operator(&[
+        "plugin",
+        "simulate",
+        &support::plugin_path("business_hours"),
+        "--trace",
+        "Cargo.toml",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("second"));
+}
