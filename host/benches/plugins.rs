@@ -92,10 +92,7 @@ fn main() {
 
     let registry = Arc::new(Registry::with_builtins(Arc::new(runtime)).unwrap());
     let config = PluginConfig {
-        cluster_shapers: vec![PluginId {
-            name: "noop".into(),
-            digest: None,
-        }],
+        cluster_shapers: vec![PluginId::named("noop")],
         ..PluginConfig::default()
     };
     let plugins = Plugins::new(registry, config);

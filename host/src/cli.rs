@@ -289,6 +289,15 @@ struct LimitArgs {
     /// Output a call may return, in KiB.
     #[arg(long, env = "PLUGIN_OUTPUT_KIB", default_value_t = 4096)]
     plugin_output_kib: usize,
+    /// The most a plugin reference (`limits.timeoutMs`) may ask for, in milliseconds.
+    #[arg(long, env = "PLUGIN_MAX_TIMEOUT_MS", default_value_t = 1000)]
+    plugin_max_timeout_ms: u64,
+    /// The most a plugin reference (`limits.memoryMiB`) may ask for, in MiB.
+    #[arg(long, env = "PLUGIN_MAX_MEMORY_MIB", default_value_t = 256)]
+    plugin_max_memory_mib: usize,
+    /// The most a plugin reference (`limits.outputKiB`) may ask for, in KiB.
+    #[arg(long, env = "PLUGIN_MAX_OUTPUT_KIB", default_value_t = 16384)]
+    plugin_max_output_kib: usize,
     /// Wall-clock time compiling a plugin may take, in seconds (it runs in a child process,
     /// killed at this deadline).
     #[arg(long, env = "PLUGIN_COMPILE_TIMEOUT_SECONDS", default_value_t = Sandbox::DEFAULT_TIMEOUT.as_secs())]
@@ -304,6 +313,15 @@ impl LimitArgs {
             deadline: Duration::from_millis(self.plugin_timeout_ms),
             memory_bytes: self.plugin_memory_mib << 20,
             output_bytes: self.plugin_output_kib << 10,
+        }
+    }
+
+    /// What plugin references may ask for.
+    fn maxima(&self) -> Limits {
+        Limits {
+            deadline: Duration::from_millis(self.plugin_max_timeout_ms),
+            memory_bytes: self.plugin_max_memory_mib << 20,
+            output_bytes: self.plugin_max_output_kib << 10,
         }
     }
 
@@ -815,6 +833,7 @@ impl RunArgs {
                 },
             },
             limits: self.limits.limits(),
+            maxima: self.limits.maxima(),
             compiler: match self.limits.compiler() {
                 Compiler::Sandboxed(sandbox) => Compiler::Sandboxed(Sandbox {
                     cache_dir: self.plugin_cache_dir,

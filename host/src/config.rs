@@ -28,6 +28,8 @@ pub struct Config {
     pub plugins: PluginConfig,
     /// Bounds of every plugin call.
     pub limits: Limits,
+    /// The most a plugin reference may ask for.
+    pub maxima: Limits,
     /// How untrusted plugins are compiled.
     pub compiler: Compiler,
     /// How often the operator's scaler samples a pool's broker by default.
@@ -50,7 +52,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         ready.clone(),
     ));
-    let runtime = Arc::new(Runtime::new(config.limits, config.compiler));
+    let runtime = Arc::new(
+        Runtime::new(config.limits, config.compiler)
+            .with_maxima(config.maxima)
+            .with_crash_backoff(),
+    );
     let registry = Arc::new(Registry::with_builtins(runtime)?);
     let plugins = Arc::new(Plugins::new(registry, config.plugins));
     reconcile::wait_for_crd(&client).await;

@@ -259,6 +259,28 @@ pub struct PluginRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub settings: Option<serde_json::Value>,
+    /// Bounds of this plugin's calls, within the cluster's maxima (`--plugin-max-*`: a
+    /// larger value is lowered to the maximum); unset fields keep the cluster's defaults. A
+    /// Python plugin needs more time and memory per call than a Rust one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<PluginLimits>,
+}
+
+/// Bounds of one plugin's calls.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+pub struct PluginLimits {
+    /// Wall-clock deadline of one call, in milliseconds.
+    #[serde(rename = "timeoutMs", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub timeout_ms: Option<u32>,
+    /// Memory one call may use (every linear memory and table together), in MiB.
+    #[serde(rename = "memoryMiB", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub memory_mib: Option<u32>,
+    /// Output one call may return, in KiB.
+    #[serde(rename = "outputKiB", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub output_kib: Option<u32>,
 }
 
 fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

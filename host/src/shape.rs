@@ -163,6 +163,7 @@ fn add_autoscaler_objects(
         let out = plugins
             .registry
             .runtime()
+            .with(r.limits)
             .autoscaler_objects(&r.plugin, &input)?;
         plugin_output::autoscaler_children(celery, pool, &out)
     };
@@ -226,7 +227,11 @@ fn run_shaper(
         objects: children.iter().map(|c| c.object.to_string()).collect(),
         settings: settings.into(),
     };
-    let out = plugins.registry.runtime().shape(&resolved.plugin, &input)?;
+    let out = plugins
+        .registry
+        .runtime()
+        .with(resolved.limits)
+        .shape(&resolved.plugin, &input)?;
     plugin_output::shaped_children(children, &out)
 }
 

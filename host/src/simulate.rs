@@ -158,6 +158,7 @@ pub fn replay(
         name: name.into(),
         digest: None,
         settings: settings.filter(|_| name != "queue-length"),
+        limits: None,
     });
     let mut scaler = PoolScaler::default();
     let mut current = start;

@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use choice::{OPERATOR_AUTOSCALER, PluginConfig, Plugins};
 pub use compile::{Compiler, Sandbox};
 pub use registry::{PluginId, Registry, Resolved};
-pub use runtime::{Limits, Plugin, Runtime};
+pub use runtime::{Calls, Limits, Plugin, Runtime};
 
 /// The WIT package plugins implement.
 pub const WIT_PACKAGE: &str = "celery:operator";
@@ -133,6 +133,17 @@ pub enum PluginError {
     /// not return).
     #[error("the plugin returned an invalid answer: {0}")]
     BadOutput(String),
+    /// The plugin crashed `crashes` times in a row and is not run again before its backoff
+    /// ends.
+    #[error(
+        "the plugin crashed {crashes} time(s) in a row; it is not run again for {retry_in:.0?}"
+    )]
+    Backoff {
+        /// Crashes in a row.
+        crashes: u32,
+        /// Time left.
+        retry_in: Duration,
+    },
     /// No plugin of that name (or pinned digest) is loaded.
     #[error("{0}")]
     NotFound(String),

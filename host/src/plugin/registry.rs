@@ -20,6 +20,8 @@ pub struct PluginId {
     pub name: String,
     /// `sha256:<hex>` to pin one build.
     pub digest: Option<String>,
+    /// The bounds the reference asks for (within the runtime's maxima).
+    pub limits: Option<crate::crd::PluginLimits>,
 }
 
 impl PluginId {
@@ -28,6 +30,7 @@ impl PluginId {
         PluginId {
             name: name.into(),
             digest: None,
+            limits: None,
         }
     }
 }
@@ -37,6 +40,7 @@ impl From<&crate::crd::PluginRef> for PluginId {
         PluginId {
             name: r.name.clone(),
             digest: r.digest.clone(),
+            limits: r.limits.clone(),
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct Resolved {
     pub plugin: Arc<Plugin>,
     /// Where it came from.
     pub source: Source,
+    /// The bounds of its calls.
+    pub limits: super::Limits,
 }
 
 /// A build that was refused.
@@ -301,6 +307,7 @@ impl Registry {
             name: wanted.name.clone(),
             plugin,
             source,
+            limits: self.runtime.limits_for(wanted.limits.as_ref()),
         })
     }
 
@@ -310,6 +317,7 @@ impl Registry {
             name: name.into(),
             plugin: p.clone(),
             source: Source::Builtin,
+            limits: self.runtime.limits(),
         })
     }
 

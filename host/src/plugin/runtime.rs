@@ -190,9 +190,23 @@ impl ResourceLimiter for Budget {
 pub struct Runtime {
     linker: Linker<State>,
     limits: Limits,
+    maxima: Limits,
     compiler: Compiler,
     /// Checked plugins by digest, for as long as something (the registry) holds them.
     cache: Mutex<HashMap<String, Weak<Plugin>>>,
+    /// Plugins that crashed, by digest, while they wait out their backoff (when enabled).
+    crashes: Option<Mutex<HashMap<String, Crash>>>,
+}
+
+/// First wait after a crash; it doubles with every crash in a row, up to [`CRASH_BACKOFF_MAX`].
+pub const CRASH_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait after crashes in a row.
+pub const CRASH_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// A plugin's crashes in a row and when it may run again.
+struct Crash {
+    in_a_row: u32,
+    until: std::time::Instant,
 }
 
 impl Runtime {
@@ -204,14 +218,75 @@ impl Runtime {
         Runtime {
             linker,
             limits,
+            maxima: limits,
             compiler,
             cache: Mutex::default(),
+            crashes: None,
         }
     }
 
-    /// The bounds of every call.
+    /// Lets a plugin reference ask for bounds up to `maxima` (each at least the default).
+    pub fn with_maxima(mut self, maxima: Limits) -> Self {
+        self.maxima = Limits {
+            deadline: maxima.deadline.max(self.limits.deadline),
+            memory_bytes: maxima.memory_bytes.max(self.limits.memory_bytes),
+            output_bytes: maxima.output_bytes.max(self.limits.output_bytes),
+        };
+        self
+    }
+
+    /// After a plugin crashes (traps, runs out of time or memory), its calls fail at once,
+    /// without instantiating it, for [`CRASH_BACKOFF`], doubling with each crash in a row up
+    /// to [`CRASH_BACKOFF_MAX`]; an answer resets it. For the operator, where a plugin is
+    /// called again and again: a crashing one must not cost a fresh instance every time.
+    pub fn with_crash_backoff(mut self) -> Self {
+        self.crashes = Some(Mutex::default());
+        self
+    }
+
+    /// The default bounds of every call.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The bounds of a call whose plugin reference asks for `requested`: its values, else
+    /// the defaults, never above the maxima.
+    pub fn limits_for(&self, requested: Option<&crate::crd::PluginLimits>) -> Limits {
+        let Some(r) = requested else {
+            return self.limits;
+        };
+        let pick = |asked: Option<u32>, unit: u64, default: u64, max: u64| {
+            asked.map_or(default, |v| (u64::from(v) * unit).min(max))
+        };
+        let ms = |d: Duration| d.as_millis() as u64;
+        Limits {
+            deadline: Duration::from_millis(pick(
+                r.timeout_ms,
+                1,
+                ms(self.limits.deadline),
+                ms(self.maxima.deadline),
+            )),
+            memory_bytes: pick(
+                r.memory_mib,
+                1 << 20,
+                self.limits.memory_bytes as u64,
+                self.maxima.memory_bytes as u64,
+            ) as usize,
+            output_bytes: pick(
+                r.output_kib,
+                1 << 10,
+                self.limits.output_bytes as u64,
+                self.maxima.output_bytes as u64,
+            ) as usize,
+        }
+    }
+
+    /// Calls bounded by `limits` (see [`Runtime::limits_for`]).
+    pub fn with(&self, limits: Limits) -> Calls<'_> {
+        Calls {
+            runtime: self,
+            limits,
+        }
     }
 
     /// The digest of plugin bytes, as `sha256:<hex>`.
@@ -303,20 +378,101 @@ impl Runtime {
             ))
         };
         if let Some(pre) = &plugin.shaper {
-            self.call(|store| pre.instantiate(store).map(drop))
+            self.with(self.limits)
+                .call(|store| pre.instantiate(store).map(drop))
                 .map_err(|e| wrong(Role::Shaper, e))?;
         }
         if let Some(pre) = &plugin.autoscaler {
-            self.call(|store| pre.instantiate(store).map(drop))
+            self.with(self.limits)
+                .call(|store| pre.instantiate(store).map(drop))
                 .map_err(|e| wrong(Role::Autoscaler, e))?;
         }
         if let Some(pre) = &plugin.scaler {
-            self.call(|store| pre.instantiate(store).map(drop))
+            self.with(self.limits)
+                .call(|store| pre.instantiate(store).map(drop))
                 .map_err(|e| wrong(Role::Scaler, e))?;
         }
         Ok(())
     }
 
+    /// Calls a shaper, within the default bounds.
+    pub fn shape(
+        &self,
+        plugin: &Plugin,
+        input: &shaper::ShapeInput,
+    ) -> Result<Vec<String>, PluginError> {
+        self.with(self.limits).shape(plugin, input)
+    }
+
+    /// Calls an autoscaler-objects plugin, within the default bounds.
+    pub fn autoscaler_objects(
+        &self,
+        plugin: &Plugin,
+        input: &autoscaler::PoolInput,
+    ) -> Result<Vec<String>, PluginError> {
+        self.with(self.limits).autoscaler_objects(plugin, input)
+    }
+
+    /// Calls a scaling-decision plugin, within the default bounds.
+    pub fn decide(
+        &self,
+        plugin: &Plugin,
+        input: &scaler::ScalingInput,
+    ) -> Result<scaler::Decision, PluginError> {
+        self.with(self.limits).decide(plugin, input)
+    }
+
+    /// Fails at once while `digest` waits out a crash backoff.
+    fn check_backoff(&self, digest: &str) -> Result<(), PluginError> {
+        let Some(crashes) = &self.crashes else {
+            return Ok(());
+        };
+        let crashes = crashes.lock().expect("crash lock");
+        match crashes.get(digest) {
+            Some(c) if c.until > std::time::Instant::now() => Err(PluginError::Backoff {
+                crashes: c.in_a_row,
+                retry_in: c.until - std::time::Instant::now(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records how a call of `digest` ended, for the crash backoff.
+    fn record_outcome<R>(&self, digest: &str, outcome: &Result<R, PluginError>) {
+        let Some(crashes) = &self.crashes else {
+            return;
+        };
+        let mut crashes = crashes.lock().expect("crash lock");
+        match outcome {
+            Err(
+                PluginError::Trap { .. } | PluginError::Timeout(_) | PluginError::MemoryExceeded(_),
+            ) => {
+                let in_a_row = crashes.get(digest).map_or(0, |c| c.in_a_row) + 1;
+                let wait = CRASH_BACKOFF
+                    .saturating_mul(1 << (in_a_row - 1).min(16))
+                    .min(CRASH_BACKOFF_MAX);
+                crashes.insert(
+                    digest.to_string(),
+                    Crash {
+                        in_a_row,
+                        until: std::time::Instant::now() + wait,
+                    },
+                );
+            }
+            _ => {
+                crashes.remove(digest);
+            }
+        }
+    }
+}
+
+/// Calls of a [`Runtime`]'s plugins under one set of bounds.
+pub struct Calls<'a> {
+    runtime: &'a Runtime,
+    limits: Limits,
+}
+
+impl Calls<'_> {
     /// Runs `call` in a fresh store under the limits, turning traps into clear errors.
     fn call<R>(
         &self,
@@ -387,8 +543,12 @@ impl Runtime {
             role,
             roles: plugin.roles.clone(),
         })?;
-        self.call(|store| call(pre, store))?
-            .map_err(|m| PluginError::Rejected(text::clean(&m, limit::PLUGIN_MESSAGE)))
+        self.runtime.check_backoff(&plugin.digest)?;
+        let outcome = self.call(|store| call(pre, store)).and_then(|answer| {
+            answer.map_err(|m| PluginError::Rejected(text::clean(&m, limit::PLUGIN_MESSAGE)))
+        });
+        self.runtime.record_outcome(&plugin.digest, &outcome);
+        outcome
     }
 
     /// Calls a shaper.

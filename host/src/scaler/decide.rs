@@ -296,7 +296,10 @@ impl PoolScaler {
             history: self.history.iter().cloned().collect(),
             settings: scaler_settings(autoscaling, &wanted.name),
         };
-        let run = |r: &Resolved| plugins.registry.runtime().decide(&r.plugin, &input);
+        let run = |r: &Resolved| {
+            let calls = plugins.registry.runtime().with(r.limits);
+            calls.decide(&r.plugin, &input)
+        };
         // Keeping what runs, for a scaler, is holding the replicas.
         let (resolved, decision) = match policy::call(plugins, Role::Scaler, &wanted, None, run) {
             Called::Answered { by, value } | Called::Replaced { by, value, .. } => (by, value),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celery_operator::children::ChildKind;
-use celery_operator::crd::{Celery, CelerySpec};
+use celery_operator::crd::{Celery, CelerySpec, PluginLimits};
 use celery_operator::plugin::bindings::{autoscaler::PoolInput, scaler, shaper::ShapeInput};
 use celery_operator::plugin::configmap::{self, Loaded, PLUGIN_LABEL, WASM_KEY};
 use celery_operator::plugin::oci::Registries;
@@ -613,10 +613,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
             cm,
         ))
     };
-    let wanted = PluginId {
-        name: "hpa".into(),
-        digest: None,
-    };
+    let wanted = PluginId::named("hpa");
     let builtin_digest = registry
         .resolve(Role::Autoscaler, &wanted)
         .unwrap()
@@ -657,8 +654,8 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
 
     // Pins: the old build stays usable by digest while it is known.
     let pinned = PluginId {
-        name: "hpa".into(),
         digest: Some(builtin_digest.clone()),
+        ..PluginId::named("hpa")
     };
     assert_eq!(
         registry
@@ -669,8 +666,8 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
         builtin_digest
     );
     let unknown = PluginId {
-        name: "hpa".into(),
         digest: Some(format!("sha256:{}", "0".repeat(64))),
+        ..PluginId::named("hpa")
     };
     assert!(
         registry
@@ -1615,4 +1612,91 @@ fn compiled_plugins_are_cached_on_disk_and_a_damaged_file_is_not_trusted() {
         .compile(engine, builtin::QUEUE_LENGTH)
         .unwrap();
     assert_eq!(compiled(), files);
+}
+
+/// A plugin reference may ask for more memory (or time, or output) than the defaults, up to
+/// the runtime's maxima: a plugin that needs 48 MiB fails under the 32 MiB default, runs
+/// when its reference asks for 64, and a reference asking for more than the maximum gets the
+/// maximum.
+#[test]
+fn a_reference_raises_its_plugins_bounds_within_the_maxima() {
+    let maxima = Limits {
+        deadline: Duration::from_secs(2),
+        memory_bytes: 64 << 20,
+        output_bytes: 2 << 20,
+    };
+    let rt = runtime().with_maxima(maxima);
+    let grower = rt.load(&hostile::memories(1, 768, false)).unwrap();
+    let input = scaling_input("x", 1, 1, 0);
+    let err = rt.decide(&grower, &input).unwrap_err();
+    assert!(matches!(err, PluginError::MemoryExceeded(_)), "{err}");
+
+    let asked = |memory_mib, timeout_ms| PluginLimits {
+        memory_mib: Some(memory_mib),
+        timeout_ms: Some(timeout_ms),
+        output_kib: None,
+    };
+    let roomy = rt.limits_for(Some(&asked(64, 1500)));
+    assert_eq!(roomy.memory_bytes, 64 << 20);
+    assert_eq!(roomy.deadline, Duration::from_millis(1500));
+    assert_eq!(
+        roomy.output_bytes, LIMITS.output_bytes,
+        "unset: the default"
+    );
+    assert_eq!(rt.with(roomy).decide(&grower, &input).unwrap().reason, "ok");
+
+    let greedy = rt.limits_for(Some(&asked(4096, 60_000)));
+    assert_eq!(greedy.memory_bytes, maxima.memory_bytes);
+    assert_eq!(greedy.deadline, maxima.deadline);
+    assert_eq!(rt.limits_for(None).memory_bytes, LIMITS.memory_bytes);
+}
+
+/// A plugin that crashes is not instantiated again until its backoff ends (1 s, doubling
+/// with each crash in a row); other plugins are not held back, and an answer resets it.
+#[test]
+fn a_crashing_plugin_waits_out_a_backoff_before_it_runs_again() {
+    let rt = runtime().with_crash_backoff();
+    let hostile = rt.load(&fixture("hostile")).unwrap();
+    let good = rt.load(builtin::QUEUE_LENGTH).unwrap();
+    let err = rt
+        .decide(&hostile, &scaling_input("panic", 1, 1, 0))
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    // Even a call that would answer is not made during the backoff.
+    let err = rt
+        .decide(&hostile, &scaling_input("ok", 1, 1, 0))
+        .unwrap_err();
+    assert!(
+        matches!(err, PluginError::Backoff { crashes: 1, .. }),
+        "{err}"
+    );
+    assert!(
+        rt.decide(&good, &scaling_input("reports", 2, 30, 7))
+            .is_ok()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = rt
+        .decide(&hostile, &scaling_input("panic", 1, 1, 0))
+        .unwrap_err();
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    let PluginError::Backoff { crashes, retry_in } = rt
+        .decide(&hostile, &scaling_input("ok", 1, 1, 0))
+        .unwrap_err()
+    else {
+        panic!("not in backoff")
+    };
+    assert_eq!(crashes, 2);
+    assert!(retry_in > Duration::from_secs(1), "doubled: {retry_in:?}");
+    std::thread::sleep(retry_in + Duration::from_millis(100));
+    assert!(rt.decide(&hostile, &scaling_input("ok", 1, 1, 0)).is_ok());
+    // The answer reset the count: the next crash waits 1 s again.
+    rt.decide(&hostile, &scaling_input("panic", 1, 1, 0))
+        .unwrap_err();
+    let PluginError::Backoff { crashes, .. } = rt
+        .decide(&hostile, &scaling_input("ok", 1, 1, 0))
+        .unwrap_err()
+    else {
+        panic!("not in backoff")
+    };
+    assert_eq!(crashes, 1);
 }
