@@ -183,34 +183,7 @@ enum PluginCommand {
     /// Replays a recorded trace of queue samples (CSV) through a scaler plugin and the
     /// built-in queue-length, each in the operator's own scaler loop; prints replicas over
     /// time, the reaction and the replica-seconds of each, and plots them.
-    Simulate {
-        /// The scaler component (`.wasm`).
-        file: PathBuf,
-        /// The trace: CSV with `second`, `ready` and optionally `reserved` and `queue`
-        /// columns (or the sandbox's `samples.csv`).
-        #[arg(long)]
-        trace: PathBuf,
-        /// The plugin's settings, as JSON.
-        #[arg(long, default_value = "{}")]
-        settings: String,
-        /// The pool's taskQueueLength target (tasks per replica).
-        #[arg(long, default_value_t = 5.0)]
-        target: f64,
-        /// The pool's minReplicas.
-        #[arg(long, default_value_t = 1)]
-        min: u32,
-        /// The pool's maxReplicas.
-        #[arg(long, default_value_t = 10)]
-        max: u32,
-        /// Replicas at the start of the trace (default: min).
-        #[arg(long)]
-        start: Option<u32>,
-        /// Write the plot (SVG) here.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-        #[command(flatten)]
-        limits: LimitArgs,
-    },
+    Simulate(SimulateArgs),
     /// Checks the plugin, pushes it to a registry as a Wasm OCI artifact, and prints a
     /// ConfigMap (YAML) that names it by digest, ready for `kubectl apply -f -`.
     Push {
@@ -674,27 +647,7 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
                 println!("{}", file.display());
             }
         }
-        PluginCommand::Simulate {
-            file,
-            trace,
-            settings,
-            target,
-            min,
-            max,
-            start,
-            plot,
-            limits,
-        } => simulate_plugin(SimulateArgs {
-            file,
-            trace,
-            settings,
-            target,
-            min,
-            max,
-            start,
-            plot,
-            limits,
-        })?,
+        PluginCommand::Simulate(args) => simulate_plugin(args)?,
         PluginCommand::Push {
             file,
             reference,
@@ -737,15 +690,34 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `plugin simulate` replays, and through what.
+#[derive(clap::Args)]
 struct SimulateArgs {
+    /// The scaler component (`.wasm`).
     file: PathBuf,
+    /// The trace: CSV with `second`, `ready` and optionally `reserved` and `queue`
+    /// columns (or the sandbox's `samples.csv`).
+    #[arg(long)]
     trace: PathBuf,
+    /// The plugin's settings, as JSON.
+    #[arg(long, default_value = "{}")]
     settings: String,
+    /// The pool's taskQueueLength target (tasks per replica).
+    #[arg(long, default_value_t = 5.0)]
     target: f64,
+    /// The pool's minReplicas.
+    #[arg(long, default_value_t = 1)]
     min: u32,
+    /// The pool's maxReplicas.
+    #[arg(long, default_value_t = 10)]
     max: u32,
+    /// Replicas at the start of the trace (default: min).
+    #[arg(long)]
     start: Option<u32>,
+    /// Write the plot (SVG) here.
+    #[arg(long)]
     plot: Option<PathBuf>,
+    #[command(flatten)]
     limits: LimitArgs,
 }
 

@@ -16,7 +16,7 @@ fn plugin_configmap(cluster: &Cluster, bytes: &[u8]) -> Value {
 }
 
 /// The autoscaler plugin use in the resource's status: (digest, source).
-async fn autoscaler_use(cluster: &Cluster) -> Option<(String, String)> {
+pub(crate) async fn autoscaler_use(cluster: &Cluster) -> Option<(String, String)> {
     let c = cluster.celeries().get("shop").await.ok()?;
     let uses = c.data["status"]["plugins"].as_array()?;
     let u = uses.iter().find(|u| u["role"] == "autoscaler")?;

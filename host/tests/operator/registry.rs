@@ -14,6 +14,7 @@ use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::plugins::autoscaler_use;
 use crate::support::cluster::{Cluster, LONG, Operator, wait};
 use crate::support::{OciRegistry, plugin_path, tempdir};
 
@@ -77,17 +78,6 @@ fn key_pair(dir: &Path, name: &str, seed: u8) -> (std::path::PathBuf, std::path:
     )
     .unwrap();
     (private, public)
-}
-
-/// The autoscaler plugin use in the resource's status: (digest, source).
-async fn autoscaler_use(cluster: &Cluster) -> Option<(String, String)> {
-    let c = cluster.celeries().get("shop").await.ok()?;
-    let uses = c.data["status"]["plugins"].as_array()?;
-    let u = uses.iter().find(|u| u["role"] == "autoscaler")?;
-    Some((
-        u["digest"].as_str()?.to_string(),
-        u["source"].as_str()?.to_string(),
-    ))
 }
 
 /// Waits until the resource reports the refusal of a new hpa build, saying `why`.
