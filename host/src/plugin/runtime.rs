@@ -361,10 +361,10 @@ impl Runtime {
             .upgrade()
     }
 
-    /// Instantiates the plugin once per role, under the call limits: the functions it
-    /// exports are type-checked against the WIT on instantiation, so a build whose `shape`
-    /// has the wrong type (or that cannot even start within the limits) is refused now, not
-    /// at its first call.
+    /// Instantiates the plugin once per role, under the most a reference may ask for (the
+    /// maxima): the functions it exports are type-checked against the WIT on instantiation,
+    /// so a build whose `shape` has the wrong type (or that cannot even start within the
+    /// maxima) is refused now, not at its first call.
     fn check_types(&self, plugin: &Plugin) -> Result<(), PluginError> {
         let wrong = |role: Role, e: PluginError| {
             PluginError::Invalid(text::clean(
@@ -378,17 +378,17 @@ impl Runtime {
             ))
         };
         if let Some(pre) = &plugin.shaper {
-            self.with(self.limits)
+            self.with(self.maxima)
                 .call(|store| pre.instantiate(store).map(drop))
                 .map_err(|e| wrong(Role::Shaper, e))?;
         }
         if let Some(pre) = &plugin.autoscaler {
-            self.with(self.limits)
+            self.with(self.maxima)
                 .call(|store| pre.instantiate(store).map(drop))
                 .map_err(|e| wrong(Role::Autoscaler, e))?;
         }
         if let Some(pre) = &plugin.scaler {
-            self.with(self.limits)
+            self.with(self.maxima)
                 .call(|store| pre.instantiate(store).map(drop))
                 .map_err(|e| wrong(Role::Scaler, e))?;
         }
