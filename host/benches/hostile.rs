@@ -69,7 +69,7 @@ fn main() {
         program: program.into(),
         timeout: Sandbox::DEFAULT_TIMEOUT,
         memory_bytes: Sandbox::DEFAULT_MEMORY_BYTES,
-        cache_dir: None,
+        cache: None,
     };
     let rt = Runtime::new(Limits::default(), Compiler::Sandboxed(sandbox));
     let fixture = std::fs::read(format!("{}/hostile.wasm", env!("CELERY_PLUGIN_DIR"))).unwrap();

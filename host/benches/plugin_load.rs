@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use celery_operator::plugin::{Compiler, Sandbox, builtin, runtime};
+use celery_operator::plugin::{Compiler, DiskCache, Sandbox, builtin, runtime};
 
 fn p50(mut times: Vec<Duration>) -> Duration {
     times.sort();
@@ -18,12 +18,15 @@ fn p50(mut times: Vec<Duration>) -> Duration {
 fn main() {
     let program = env!("CARGO_BIN_EXE_celery-operator");
     let cache = std::env::temp_dir().join(format!("plugin-load-bench-{}", std::process::id()));
-    let compiler = |cache_dir: Option<PathBuf>| {
+    let compiler = |dir: Option<PathBuf>| {
         Compiler::Sandboxed(Sandbox {
             program: program.into(),
             timeout: Duration::from_secs(300),
             memory_bytes: 2 << 30,
-            cache_dir,
+            cache: dir.map(|dir| DiskCache {
+                dir,
+                max_bytes: 1 << 30,
+            }),
         })
     };
     let mut plugins: Vec<(String, Vec<u8>)> = builtin::ALL

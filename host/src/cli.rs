@@ -21,8 +21,8 @@ use crate::plugin::oci::Registries;
 use crate::plugin::scaffold::Lang;
 use crate::plugin::signature::TrustedKeys;
 use crate::plugin::{
-    Compiler, FailurePolicy, Limits, OPERATOR_AUTOSCALER, PluginConfig, PluginId, Plugins,
-    Registry, Runtime, Sandbox, compile, oci, runtime, scaffold, signature,
+    Compiler, DiskCache, FailurePolicy, Limits, OPERATOR_AUTOSCALER, PluginConfig, PluginId,
+    Plugins, Registry, Runtime, Sandbox, compile, oci, runtime, scaffold, signature,
 };
 use crate::render;
 use oci_client::secrets::RegistryAuth;
@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (in a cluster, or against the current kubeconfig).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinition of `Celery` as YAML.
     Crd,
     /// Print the RBAC rules the operator needs (JSON): in the watched namespaces, and in its
@@ -369,6 +369,10 @@ struct RunArgs {
     /// restarted operator does not compile them again.
     #[arg(long, env = "PLUGIN_CACHE_DIR")]
     plugin_cache_dir: Option<PathBuf>,
+    /// The most the compiled-plugin cache keeps, in MiB (the least recently used files go
+    /// first). Keep it below the size limit of the cache's volume.
+    #[arg(long, env = "PLUGIN_CACHE_MAX_MIB", default_value_t = 192)]
+    plugin_cache_max_mib: u64,
     /// PEM public keys (P-256, as `cosign public-key` prints them), or directories of them.
     /// When any is given, plugins must come from a registry with a cosign signature by one
     /// of them.
@@ -412,7 +416,7 @@ pub fn main() -> ExitCode {
             Ok(())
         }
         Command::Render { files } => render_files(&files),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Plugin(command) => plugin(command),
         Command::Sandbox(args) => sandbox(args),
         Command::Queues {
@@ -808,7 +812,10 @@ impl RunArgs {
             maxima: self.limits.maxima(),
             compiler: match self.limits.compiler() {
                 Compiler::Sandboxed(sandbox) => Compiler::Sandboxed(Sandbox {
-                    cache_dir: self.plugin_cache_dir,
+                    cache: self.plugin_cache_dir.map(|dir| DiskCache {
+                        dir,
+                        max_bytes: self.plugin_cache_max_mib << 20,
+                    }),
                     ..sandbox
                 }),
                 other => other,

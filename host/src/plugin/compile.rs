@@ -20,7 +20,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,18 @@ pub struct Sandbox {
     /// Memory (data segment: heap and anonymous mappings) the compilation may use.
     pub memory_bytes: u64,
     /// Where compiled components are kept across restarts (`None`: not kept).
-    pub cache_dir: Option<PathBuf>,
+    pub cache: Option<DiskCache>,
+}
+
+/// Compiled components kept on disk, within a size budget: the least recently used files
+/// are removed when a new one would pass it (a Python plugin compiles to ~35 MB, and the
+/// chart's volume evicts the pod past its size limit).
+#[derive(Clone, Debug)]
+pub struct DiskCache {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Bytes the files may take together.
+    pub max_bytes: u64,
 }
 
 impl Sandbox {
@@ -70,7 +81,7 @@ impl Sandbox {
             program: std::env::current_exe().unwrap_or_else(|_| "celery-operator".into()),
             timeout,
             memory_bytes,
-            cache_dir: None,
+            cache: None,
         }
     }
 }
@@ -81,11 +92,8 @@ impl Compiler {
         match self {
             Compiler::InProcess => Component::new(engine, bytes).map_err(invalid),
             Compiler::Sandboxed(sandbox) => {
-                let cached = sandbox
-                    .cache_dir
-                    .as_ref()
-                    .map(|dir| dir.join(cache_name(engine, bytes)));
-                if let Some(component) = cached.as_ref().and_then(|f| load_cached(engine, f)) {
+                let cached = sandbox.cache.as_ref().map(|c| (c, c.file(engine, bytes)));
+                if let Some(component) = cached.as_ref().and_then(|(_, f)| load_cached(engine, f)) {
                     return Ok(component);
                 }
                 let artifact = sandbox.run(bytes)?;
@@ -96,8 +104,8 @@ impl Compiler {
                     unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| {
                         PluginError::Invalid(format!("the compiled component does not load: {e:#}"))
                     })?;
-                if let Some(file) = cached {
-                    store_cached(&file, &artifact);
+                if let Some((cache, file)) = cached {
+                    cache.store(&file, &artifact);
                 }
                 Ok(component)
             }
@@ -105,51 +113,98 @@ impl Compiler {
     }
 }
 
-/// The cache file of `bytes` compiled for `engine`.
-fn cache_name(engine: &Engine, bytes: &[u8]) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut hasher);
-    let digest = super::Runtime::digest(bytes);
-    let hex = digest.trim_start_matches("sha256:");
-    format!("{hex}-{:016x}.cwasm", hasher.finish())
+impl DiskCache {
+    /// The cache file of `bytes` compiled for `engine`.
+    fn file(&self, engine: &Engine, bytes: &[u8]) -> PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let digest = super::Runtime::digest(bytes);
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .join(format!("{hex}-{:016x}.{CACHE_EXTENSION}", hasher.finish()))
+    }
+
+    /// Writes a cache file atomically (a temporary file renamed), so a crash leaves no half
+    /// file, after making room for it within the budget. A cache that cannot be written only
+    /// costs a compile on the next start.
+    fn store(&self, file: &Path, artifact: &[u8]) {
+        use sha2::{Digest, Sha256};
+        let size = artifact.len() as u64 + 32;
+        if size > self.max_bytes {
+            return;
+        }
+        self.make_room(size);
+        let temporary = file.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| {
+                let mut out = std::fs::File::create(&temporary)?;
+                out.write_all(&Sha256::digest(artifact))?;
+                out.write_all(artifact)?;
+                out.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&temporary, file));
+        if let Err(e) = written {
+            tracing::warn!(file = %file.display(), error = %e, "cannot write the compiled-plugin cache");
+            let _ = std::fs::remove_file(&temporary);
+        }
+    }
+
+    /// Removes the least recently used cache files until `size` more bytes fit the budget.
+    fn make_room(&self, size: u64) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let meta = e.metadata().ok()?;
+                let path = e.path();
+                let ours = path.extension().is_some_and(|x| x == CACHE_EXTENSION);
+                let modified = meta.modified().ok()?;
+                (ours && meta.is_file()).then_some((modified, meta.len(), path))
+            })
+            .collect();
+        files.sort();
+        let mut used: u64 = files.iter().map(|f| f.1).sum();
+        for (_, len, path) in files {
+            if used + size <= self.max_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                used -= len;
+            }
+        }
+    }
 }
 
+/// The extension of cache files (the cache removes nothing else).
+const CACHE_EXTENSION: &str = "cwasm";
+
 /// The component in the cache file `file`, if it is there and intact; a damaged file is
-/// removed.
-fn load_cached(engine: &Engine, file: &std::path::Path) -> Option<Component> {
+/// removed. A file used is marked recently used.
+fn load_cached(engine: &Engine, file: &Path) -> Option<Component> {
     use sha2::{Digest, Sha256};
     let data = std::fs::read(file).ok()?;
     let intact = data.len() > 32 && Sha256::digest(&data[32..]).as_slice() == &data[..32];
-    // SAFETY: the file was written by `store_cached` in a directory only this operator
+    // SAFETY: the file was written by `DiskCache::store` in a directory only this operator
     // writes, and its checksum matches; wasmtime checks its version and configuration.
     let component = intact
         .then(|| unsafe { Component::deserialize(engine, &data[32..]) }.ok())
         .flatten();
-    if component.is_none() {
-        tracing::warn!(file = %file.display(), "ignoring a damaged or foreign compiled-plugin cache file");
-        let _ = std::fs::remove_file(file);
+    match component {
+        Some(_) => {
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(file)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        }
+        None => {
+            tracing::warn!(file = %file.display(), "ignoring a damaged or foreign compiled-plugin cache file");
+            let _ = std::fs::remove_file(file);
+        }
     }
     component
-}
-
-/// Writes a cache file atomically (a temporary file renamed), so a crash leaves no half
-/// file. A cache that cannot be written only costs a compile on the next start.
-fn store_cached(file: &std::path::Path, artifact: &[u8]) {
-    use sha2::{Digest, Sha256};
-    let temporary = file.with_extension(format!("tmp{}", std::process::id()));
-    let written = std::fs::create_dir_all(file.parent().expect("a file in a directory"))
-        .and_then(|()| {
-            let mut out = std::fs::File::create(&temporary)?;
-            out.write_all(&Sha256::digest(artifact))?;
-            out.write_all(artifact)?;
-            out.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&temporary, file));
-    if let Err(e) = written {
-        tracing::warn!(file = %file.display(), error = %e, "cannot write the compiled-plugin cache");
-        let _ = std::fs::remove_file(&temporary);
-    }
 }
 
 fn invalid(e: wasmtime::Error) -> PluginError {

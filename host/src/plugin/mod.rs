@@ -21,7 +21,7 @@ pub mod wasi;
 use std::time::Duration;
 
 pub use choice::{OPERATOR_AUTOSCALER, PluginConfig, Plugins};
-pub use compile::{Compiler, Sandbox};
+pub use compile::{Compiler, DiskCache, Sandbox};
 pub use registry::{PluginId, Registry, Resolved};
 pub use runtime::{Calls, Limits, Plugin, Runtime};
 

@@ -15,8 +15,8 @@ use celery_operator::plugin::configmap::{self, Loaded, PLUGIN_LABEL, WASM_KEY};
 use celery_operator::plugin::oci::Registries;
 use celery_operator::plugin::registry::Source;
 use celery_operator::plugin::{
-    Compiler, FailurePolicy, Limits, PluginError, PluginId, Registry, Role, Runtime, Sandbox,
-    builtin,
+    Compiler, DiskCache, FailurePolicy, Limits, PluginError, PluginId, Registry, Role, Runtime,
+    Sandbox, builtin,
 };
 use celery_operator::plugin::{PluginConfig, Plugins};
 use celery_operator::shape::{self, ShapeError};
@@ -32,7 +32,7 @@ fn compiler() -> Compiler {
         program: env!("CARGO_BIN_EXE_celery-operator").into(),
         timeout: Duration::from_secs(60),
         memory_bytes: 1 << 30,
-        cache_dir: None,
+        cache: None,
     })
 }
 
@@ -838,7 +838,7 @@ fn compilation_is_bounded_in_time_and_memory() {
             program: env!("CARGO_BIN_EXE_celery-operator").into(),
             timeout: Duration::from_secs(3),
             memory_bytes: 256 << 20,
-            cache_dir: None,
+            cache: None,
         }),
     );
     let before = rss();
@@ -1561,7 +1561,10 @@ fn compiled_plugins_are_cached_on_disk_and_a_damaged_file_is_not_trusted() {
             program: program.into(),
             timeout: Duration::from_secs(60),
             memory_bytes: 1 << 30,
-            cache_dir: Some(dir.path().into()),
+            cache: Some(DiskCache {
+                dir: dir.path().into(),
+                max_bytes: 1 << 30,
+            }),
         })
     };
     let engine = celery_operator::plugin::runtime::engine();
@@ -1699,4 +1702,57 @@ fn a_crashing_plugin_waits_out_a_backoff_before_it_runs_again() {
         panic!("not in backoff")
     };
     assert_eq!(crashes, 1);
+}
+
+/// The disk cache keeps to its budget: a new file pushes out the least recently used.
+#[test]
+fn the_compiled_plugin_cache_keeps_to_its_budget() {
+    let dir = support::tempdir::Dir::new("compile-cache-budget");
+    let engine = celery_operator::plugin::runtime::engine();
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let with_budget = |max_bytes| {
+        Compiler::Sandboxed(Sandbox {
+            program: env!("CARGO_BIN_EXE_celery-operator").into(),
+            timeout: Duration::from_secs(60),
+            memory_bytes: 1 << 30,
+            cache: Some(DiskCache {
+                dir: dir.path().into(),
+                max_bytes,
+            }),
+        })
+    };
+    with_budget(1 << 30).compile(engine, builtin::NOOP).unwrap();
+    let noop = files();
+    let noop_size = std::fs::metadata(dir.path().join(&noop[0])).unwrap().len();
+    // Room for about one more file of that size: the queue-length one replaces it.
+    let tight = with_budget(noop_size * 5 / 2);
+    tight.compile(engine, builtin::QUEUE_LENGTH).unwrap();
+    let after = files();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, noop, "the older file went");
+    // A file larger than the whole budget is not kept at all.
+    let none = support::tempdir::Dir::new("compile-cache-none");
+    let tiny = Compiler::Sandboxed(Sandbox {
+        program: env!("CARGO_BIN_EXE_celery-operator").into(),
+        timeout: Duration::from_secs(60),
+        memory_bytes: 1 << 30,
+        cache: Some(DiskCache {
+            dir: none.path().into(),
+            max_bytes: 1024,
+        }),
+    });
+    tiny.compile(engine, builtin::NOOP).unwrap();
+    assert_eq!(
+        std::fs::read_dir(none.path())
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
 }
