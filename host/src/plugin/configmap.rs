@@ -104,8 +104,15 @@ pub enum Loaded {
     Swapped { name: String, digest: String },
     /// The build in use already had these bytes.
     Unchanged,
-    /// The ConfigMap holds no usable plugin; the running build (if any) stays.
-    Refused { name: Option<String>, error: String },
+    /// The ConfigMap holds no usable plugin; the running build (if any) stays. `retry`: the
+    /// registry may serve a usable build later (the pull, the pull secret or the signature
+    /// failed), so the ConfigMap is loaded again after a while; a build that was pulled but
+    /// does not compile or check is not pulled again until the ConfigMap changes.
+    Refused {
+        name: Option<String>,
+        error: String,
+        retry: bool,
+    },
 }
 
 /// Loads (fetches when it is in a registry, compiles and checks) the plugin a ConfigMap
@@ -119,9 +126,15 @@ pub async fn load(
     let configmap = configmap_name(cm);
     let (name, content) = match decode(cm) {
         Ok(decoded) => decoded,
-        Err(error) => return Loaded::Refused { name: None, error },
+        Err(error) => {
+            return Loaded::Refused {
+                name: None,
+                error,
+                retry: false,
+            };
+        }
     };
-    let refuse = |digest: String, source: Source, error: String| {
+    let refuse = |digest: String, source: Source, error: String, retry: bool| {
         registry.refuse(
             &name,
             Rejection {
@@ -133,6 +146,7 @@ pub async fn load(
         Loaded::Refused {
             name: Some(name.clone()),
             error,
+            retry,
         }
     };
     let (bytes, source) = match content {
@@ -140,7 +154,8 @@ pub async fn load(
             let error = "the cluster runs only signed plugins: push this one to a registry, \
                          sign it, and name it with data.oci"
                 .to_string();
-            return refuse(Runtime::digest(&bytes), Source::ConfigMap(configmap), error);
+            let digest = Runtime::digest(&bytes);
+            return refuse(digest, Source::ConfigMap(configmap), error, false);
         }
         Content::Component(bytes) => (bytes, Source::ConfigMap(configmap)),
         Content::Oci {
@@ -150,7 +165,7 @@ pub async fn load(
             let unpulled = Source::ConfigMap(configmap.clone());
             let reference = match oci::parse(&reference) {
                 Ok(r) => r,
-                Err(error) => return refuse(reference, unpulled, error),
+                Err(error) => return refuse(reference, unpulled, error, false),
             };
             // A pinned build in use is not pulled again (the watch lists ConfigMaps again
             // after every reconnection).
@@ -174,7 +189,7 @@ pub async fn load(
             let auth = match pull_auth(client, &namespace, pull_secret.as_deref(), &reference).await
             {
                 Ok(auth) => auth,
-                Err(error) => return refuse(reference.to_string(), unpulled, error),
+                Err(error) => return refuse(reference.to_string(), unpulled, error, true),
             };
             match registries.pull(&reference, &auth).await {
                 Ok(pulled) => {
@@ -191,7 +206,7 @@ pub async fn load(
                     };
                     (pulled.bytes, source)
                 }
-                Err(error) => return refuse(reference.to_string(), unpulled, error),
+                Err(error) => return refuse(reference.to_string(), unpulled, error, true),
             }
         }
     };
@@ -209,10 +224,12 @@ pub async fn load(
         Ok(Err(e)) => Loaded::Refused {
             name: Some(name),
             error: e.to_string(),
+            retry: false,
         },
         Err(e) => Loaded::Refused {
             name: Some(name),
             error: format!("internal error while loading: {e}"),
+            retry: false,
         },
     }
 }
@@ -271,7 +288,7 @@ pub async fn watch(
     let config = crate::cache::watch_config().labels(PLUGIN_LABEL);
     let mut initialized = Some(initialized);
     let mut stream = watcher(api, config).default_backoff().boxed();
-    // ConfigMaps whose registry pull failed, tried again every RETRY_PULL.
+    // ConfigMaps whose pull failed, loaded again every RETRY_PULL.
     let mut failed_pulls: BTreeMap<String, ConfigMap> = BTreeMap::new();
     loop {
         let retry = async {
@@ -322,7 +339,7 @@ pub async fn watch(
     }
 }
 
-/// Reports a load, remembers a failed pull for a retry, and signals a change.
+/// Reports a load, remembers a refusal worth retrying, and signals a change.
 async fn settle(
     failed_pulls: &mut BTreeMap<String, ConfigMap>,
     cm: &ConfigMap,
@@ -331,8 +348,7 @@ async fn settle(
     metrics: &Metrics,
     changed: &impl Fn(),
 ) {
-    let from_registry = cm.data.as_ref().is_some_and(|d| d.contains_key(OCI_KEY));
-    if from_registry && matches!(loaded, Loaded::Refused { .. }) {
+    if let Loaded::Refused { retry: true, .. } = loaded {
         failed_pulls.insert(configmap_name(cm), cm.clone());
     }
     report(events, metrics, cm, loaded).await;
@@ -349,7 +365,7 @@ async fn report(events: &Publisher, metrics: &Metrics, cm: &ConfigMap, loaded: &
             let note = format!("Plugin {name} {digest} is in use");
             ("loaded", (EventType::Normal, "PluginLoaded", note))
         }
-        Loaded::Refused { name, error } => {
+        Loaded::Refused { name, error, .. } => {
             warn!(plugin = ?name, configmap = %cm.name_any(), %error, "plugin refused");
             let note =
                 format!("Plugin refused, the previous build (if any) keeps running: {error}");

@@ -1756,3 +1756,34 @@ fn the_compiled_plugin_cache_keeps_to_its_budget() {
         0
     );
 }
+
+/// A resource's plugin reference carries its limits to the call: the registry resolves the
+/// reference with the bounds it asked for (within the maxima), and a built-in fallback runs
+/// with the defaults.
+#[test]
+fn resolved_references_carry_their_limits() {
+    let rt = runtime().with_maxima(Limits {
+        deadline: Duration::from_secs(2),
+        memory_bytes: 64 << 20,
+        output_bytes: 2 << 20,
+    });
+    let registry = Registry::with_builtins(Arc::new(rt)).unwrap();
+    let reference: celery_operator::crd::PluginRef = serde_json::from_value(json!({
+        "name": "queue-length", "limits": {"memoryMiB": 48, "timeoutMs": 1500}
+    }))
+    .unwrap();
+    let resolved = registry
+        .resolve(Role::Scaler, &PluginId::from(&reference))
+        .unwrap();
+    assert_eq!(resolved.limits.memory_bytes, 48 << 20);
+    assert_eq!(resolved.limits.deadline, Duration::from_millis(1500));
+    assert_eq!(resolved.limits.output_bytes, LIMITS.output_bytes);
+    assert_eq!(
+        registry
+            .builtin("queue-length")
+            .unwrap()
+            .limits
+            .memory_bytes,
+        LIMITS.memory_bytes
+    );
+}
