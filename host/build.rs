@@ -10,6 +10,7 @@ const PLUGINS: &[&str] = &[
     "hpa",
     "keda",
     "queue_length",
+    "latency",
     "noop_shaper",
     "hostile",
     "future_version",

@@ -10,6 +10,7 @@ import time
 
 import redis
 from celery import Celery
+from celery.signals import before_task_publish
 
 BROKER = os.environ["CELERY_BROKER_URL"]
 
@@ -29,6 +30,13 @@ app.conf.update(
 _account = redis.Redis.from_url(BROKER)
 
 
+# Stamps every task with the time it was sent: the operator then reads the age of the oldest
+# waiting task (status.scaling[].oldestWaitSeconds), and the task below its own wait.
+@before_task_publish.connect
+def stamp_published_at(headers=None, **kwargs):
+    headers["published_at"] = time.time()
+
+
 class Accounted(app.Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         _account.sadd("sandbox:failed", task_id)
@@ -37,8 +45,13 @@ class Accounted(app.Task):
 @app.task(bind=True, base=Accounted)
 def work(self, seconds):
     """Works (sleeps) `seconds`, counting its runs in `sandbox:runs` and marking itself done
-    in `sandbox:done` when it finished (`sandbox:failed` if it raised)."""
-    _account.hincrby("sandbox:runs", self.request.id, 1)
+    in `sandbox:done` when it finished (`sandbox:failed` if it raised). The first run
+    records how long the task waited for a worker in `sandbox:wait:<queue>`."""
+    if _account.hincrby("sandbox:runs", self.request.id, 1) == 1:
+        published = getattr(self.request, "published_at", None)
+        queue = (self.request.delivery_info or {}).get("routing_key", "")
+        if published is not None:
+            _account.rpush(f"sandbox:wait:{queue}", time.time() - published)
     time.sleep(seconds)
     _account.sadd("sandbox:done", self.request.id)
     return seconds

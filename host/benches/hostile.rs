@@ -39,6 +39,7 @@ fn scaling(pool: &str) -> scaler::ScalingInput {
         }],
         history: vec![],
         settings: "{}".into(),
+        workload: scaler::Workload::default(),
     }
 }
 

@@ -72,11 +72,13 @@ fn main() {
                     name: "reports".into(),
                     ready: 30,
                     reserved: 7,
+                    oldest_wait_ms: None,
                 }],
             })
             .collect(),
         history: vec![],
         settings: "{}".into(),
+        workload: scaler::Workload::default(),
     };
     if let Some(calls) = decide_only {
         for _ in 0..calls {

@@ -115,9 +115,15 @@ struct SandboxArgs {
     /// Where the report and the logs go.
     #[arg(long, default_value = "sandbox-report")]
     out: PathBuf,
-    /// Also simulate KEDA + HPA (defaults) on the same load and plot it beside the run.
-    #[arg(long, value_parser = ["keda"])]
+    /// Compare with another autoscaler on the same load: `keda` simulates KEDA + HPA
+    /// (defaults) and plots it beside the run; `latency` runs, side by side, a copy of the
+    /// first pool scaled by the built-in latency scaler (on its own queue, with the same
+    /// tasks), and reports the tasks' waits and the worker-seconds of both.
+    #[arg(long, value_parser = ["keda", "latency"])]
     compare: Option<String>,
+    /// The latency scaler's target wait (`targetWaitSeconds`) with `--compare latency`.
+    #[arg(long, default_value_t = 10.0)]
+    target_wait_seconds: f64,
     /// The longest to wait, after the load, for every task to complete and the pool to
     /// scale back down, in seconds.
     #[arg(long, default_value_t = 600)]
@@ -500,7 +506,9 @@ fn sandbox(args: SandboxArgs) -> anyhow::Result<()> {
         trace,
         scenario,
         out: args.out,
-        compare_keda: args.compare.is_some(),
+        compare_keda: args.compare.as_deref() == Some("keda"),
+        compare_latency: (args.compare.as_deref() == Some("latency"))
+            .then_some(args.target_wait_seconds),
         settle_limit: Duration::from_secs(args.settle_limit),
     };
     let outcome = tokio::runtime::Runtime::new()?.block_on(sandbox::run(options))?;
@@ -697,12 +705,16 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
 /// What `plugin simulate` replays, and through what.
 #[derive(clap::Args)]
 struct SimulateArgs {
-    /// The scaler component (`.wasm`).
+    /// The scaler component (`.wasm`), or the name of a built-in scaler (`latency`).
     file: PathBuf,
-    /// The trace: CSV with `second`, `ready` and optionally `reserved` and `queue`
-    /// columns (or the sandbox's `samples.csv`).
+    /// A recorded trace to replay open loop: CSV with `second`, `ready` and optionally
+    /// `reserved` and `queue` columns (or the sandbox's `samples.csv`).
+    #[arg(long, required_unless_present = "load", conflicts_with = "load")]
+    trace: Option<PathBuf>,
+    /// A load to serve closed loop instead: CSV `second,tasks,task_seconds` (the sandbox's
+    /// `--trace` format); reports each scaler's task waits (p50, p95) and replica-seconds.
     #[arg(long)]
-    trace: PathBuf,
+    load: Option<PathBuf>,
     /// The plugin's settings, as JSON.
     #[arg(long, default_value = "{}")]
     settings: String,
@@ -718,6 +730,15 @@ struct SimulateArgs {
     /// Replicas at the start of the trace (default: min).
     #[arg(long)]
     start: Option<u32>,
+    /// With --load: worker processes per replica.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// With --load: seconds from asking for a replica to its worker taking tasks.
+    #[arg(long, default_value_t = 10.0)]
+    start_seconds: f64,
+    /// With --load: seconds between two decisions (the pool's pollIntervalSeconds).
+    #[arg(long, default_value_t = 5.0)]
+    poll_seconds: f64,
     /// Write the plot (SVG) here.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -727,10 +748,9 @@ struct SimulateArgs {
 
 fn simulate_plugin(args: SimulateArgs) -> anyhow::Result<()> {
     use crate::simulate;
-    let csv = std::fs::read_to_string(&args.trace)
-        .with_context(|| format!("reading {}", args.trace.display()))?;
-    let trace =
-        simulate::parse(&csv).map_err(|e| anyhow::anyhow!("{}: {e}", args.trace.display()))?;
+    let read_text = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
     let settings: serde_json::Value =
         serde_json::from_str(&args.settings).context("--settings is not JSON")?;
     anyhow::ensure!(args.target > 0.0, "--target must be positive");
@@ -744,20 +764,63 @@ fn simulate_plugin(args: SimulateArgs) -> anyhow::Result<()> {
     }))?;
     let runtime = Arc::new(Runtime::new(args.limits.limits(), args.limits.compiler()));
     let registry = Arc::new(Registry::with_builtins(runtime)?);
-    let name = args
+    // A built-in by name, or a component file.
+    let builtin = args
         .file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty() && s != "queue-length")
-        .unwrap_or_else(|| "plugin".into());
-    registry
-        .install(
-            &name,
-            &read(&args.file)?,
-            crate::plugin::registry::Source::ConfigMap(args.file.display().to_string()),
-        )
-        .with_context(|| format!("{} is not a usable plugin", args.file.display()))?;
+        .to_str()
+        .filter(|n| !args.file.exists() && registry.builtin(n).is_some());
+    let name = match builtin {
+        Some(name) => name.to_string(),
+        None => {
+            let name = args
+                .file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty() && s != "queue-length")
+                .unwrap_or_else(|| "plugin".into());
+            registry
+                .install(
+                    &name,
+                    &read(&args.file)?,
+                    crate::plugin::registry::Source::ConfigMap(args.file.display().to_string()),
+                )
+                .with_context(|| format!("{} is not a usable plugin", args.file.display()))?;
+            name
+        }
+    };
     let start = args.start.unwrap_or(args.min);
+    if let Some(path) = &args.load {
+        let load: crate::sandbox::load::Trace = read_text(path)?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        anyhow::ensure!(args.concurrency > 0, "--concurrency must be positive");
+        anyhow::ensure!(
+            args.poll_seconds >= 0.1 && args.start_seconds >= 0.0,
+            "--poll-seconds must be at least 0.1 and --start-seconds not negative"
+        );
+        let model = simulate::Model {
+            concurrency: args.concurrency,
+            start_seconds: args.start_seconds,
+            poll_seconds: args.poll_seconds,
+        };
+        let runs: Vec<_> = [name.as_str(), "queue-length"]
+            .into_iter()
+            .map(|n| simulate::serve(registry.clone(), n, &autoscaling, &load, &model, start))
+            .collect();
+        print!("{}", simulate::served_report(&load, &model, &runs));
+        if let Some(plot) = args.plot {
+            let svg = simulate::plot_served(&load, &runs).map_err(|e| anyhow::anyhow!(e))?;
+            std::fs::write(&plot, svg).with_context(|| format!("writing {}", plot.display()))?;
+            eprintln!("plot: {}", plot.display());
+        }
+        return Ok(());
+    }
+    let path = args
+        .trace
+        .as_ref()
+        .expect("clap requires --trace or --load");
+    let trace = simulate::parse(&read_text(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let runs: Vec<_> = [name.as_str(), "queue-length"]
         .into_iter()
         .map(|n| simulate::replay(registry.clone(), n, &autoscaling, &trace, start))

@@ -41,6 +41,7 @@ pub const GROUP: &str = "celeryproject.org";
     printcolumn(name = "Flower", type_ = "string", json_path = ".status.flower.readyReplicas", description = "Ready Flower pods"),
     printcolumn(name = "Beat", type_ = "string", json_path = ".status.beat.readyReplicas", description = "Ready beat pods (0 or 1)"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = "1", description = "Why the resource is (not) ready"),
+    printcolumn(name = "Wait", type_ = "number", json_path = ".status.scaling[*].waitSeconds", priority = "1", description = "Seconds a task sent now would wait before a worker takes it (pools the operator scales; when known)"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("!has(self.celeryVersion) || self.celeryVersion.matches('^(5[.]([6-9]|[1-9][0-9]+)|([6-9]|[1-9][0-9]+)[.])') || self.workers.all(w, !has(w.disablePrefetch) || !w.disablePrefetch)").message("disablePrefetch needs Celery 5.6 or later, and celeryVersion is older"))]
@@ -244,7 +245,7 @@ pub struct PluginsSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginRef {
-    /// Plugin name: a built-in (`hpa`, `keda`, `queue-length`, `noop`) or the
+    /// Plugin name: a built-in (`hpa`, `keda`, `queue-length`, `latency`, `noop`) or the
     /// `celeryproject.org/plugin` label of a plugin ConfigMap in the operator's namespace.
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("plugin name must be a DNS label"))]
     #[schemars(length(min = 1, max = 63))]
@@ -958,6 +959,30 @@ pub struct PoolScaling {
     /// `acks_late` (unset when the broker could not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved: Option<i64>,
+    /// How long a task sent now would wait before a worker takes it, in seconds: the oldest
+    /// waiting task's age when the app stamps `published_at` (see `oldestWaitSeconds`), else
+    /// the waiting tasks over the completion rate. Unset when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_seconds: Option<f64>,
+    /// How long the oldest waiting task has waited, in seconds, over the pool's queues:
+    /// only when the app stamps a `published_at` header on the tasks it sends (a
+    /// `before_task_publish` hook; see the autoscaling guide) and the broker is Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_wait_seconds: Option<f64>,
+    /// Tasks the pool's workers finished per second over the last 30 s, from their
+    /// heartbeats (needs the worker lifecycle: `lifecycle.enabled`, on by default for pools
+    /// the operator scales). Unset when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_rate: Option<f64>,
+    /// Tasks arriving per second: tasks started plus the growth of the waiting backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_rate: Option<f64>,
+    /// Mean seconds a task runs: running tasks over the completion rate (Little's law).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_seconds: Option<f64>,
+    /// Share of the pool's worker processes running a task, 0 to 1 (needs `concurrency`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_fraction: Option<f64>,
     /// Replicas of the pool's Deployment when the decision was made.
     pub current_replicas: i32,
     /// Replicas the scaler wants (after the min/max clamp and stabilization window).

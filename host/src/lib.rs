@@ -43,3 +43,4 @@ pub mod state;
 pub mod status;
 pub mod text;
 pub mod validate;
+pub mod workload;

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Result of one reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +38,75 @@ pub struct ScalerLabels {
     pub verdict: &'static str,
 }
 
+/// One pool of one Celery resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// The resource's namespace.
+    pub namespace: String,
+    /// The resource's name.
+    pub celery: String,
+    /// The worker pool.
+    pub pool: String,
+}
+
+/// A gauge per pool.
+pub type PoolGauge = Family<PoolLabels, Gauge<f64, AtomicU64>>;
+
+/// The workload figures of the pools the operator scales itself (a pool's series is absent
+/// while the figure is unknown).
+#[derive(Default)]
+pub struct PoolWorkload {
+    /// Seconds a task sent now would wait.
+    pub wait_seconds: PoolGauge,
+    /// Age of the oldest waiting task (apps that stamp `published_at`).
+    pub oldest_wait_seconds: PoolGauge,
+    /// Tasks finished per second.
+    pub completion_rate: PoolGauge,
+    /// Tasks arriving per second.
+    pub arrival_rate: PoolGauge,
+    /// Mean seconds a task runs.
+    pub service_seconds: PoolGauge,
+    /// Share of worker processes running a task.
+    pub busy_fraction: PoolGauge,
+}
+
+impl PoolWorkload {
+    fn all(&self) -> [(&'static str, &'static str, &PoolGauge); 6] {
+        [
+            (
+                "pool_wait_seconds",
+                "Seconds a task sent now would wait before a worker takes it",
+                &self.wait_seconds,
+            ),
+            (
+                "pool_oldest_wait_seconds",
+                "Age of the oldest waiting task (apps that stamp published_at; Redis)",
+                &self.oldest_wait_seconds,
+            ),
+            (
+                "pool_completion_rate",
+                "Tasks the pool's workers finished per second (last 30 s)",
+                &self.completion_rate,
+            ),
+            (
+                "pool_arrival_rate",
+                "Tasks arriving per second in the pool's queues (last 30 s)",
+                &self.arrival_rate,
+            ),
+            (
+                "pool_service_seconds",
+                "Mean seconds a task of the pool runs",
+                &self.service_seconds,
+            ),
+            (
+                "pool_busy_fraction",
+                "Share of the pool's worker processes running a task",
+                &self.busy_fraction,
+            ),
+        ]
+    }
+}
+
 /// The operator's metrics and the registry that serves them.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +134,8 @@ pub struct Metrics {
     pub deletion_cost_writes: Counter,
     /// Workers that became stalled.
     pub worker_stalls: Counter,
+    /// The workload figures of the pools the operator scales.
+    pub pool_workload: PoolWorkload,
 }
 
 impl Default for Metrics {
@@ -141,8 +213,13 @@ impl Default for Metrics {
             "Workers that became stalled (heartbeats stopped, or idle beside a backlog)",
             worker_stalls.clone(),
         );
+        let pool_workload = PoolWorkload::default();
+        for (name, help, gauge) in pool_workload.all() {
+            registry.register(name, help, gauge.clone());
+        }
         Metrics {
             registry,
+            pool_workload,
             worker_events,
             deletion_cost_writes,
             worker_stalls,
@@ -167,11 +244,86 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+
+    /// Sets a pool's workload gauges from its status entry; an unknown figure's series is
+    /// removed (an absent series, not a zero).
+    pub fn record_workload(
+        &self,
+        namespace: &str,
+        celery: &str,
+        pool: &str,
+        entry: &crate::crd::PoolScaling,
+    ) {
+        let labels = PoolLabels {
+            namespace: namespace.into(),
+            celery: celery.into(),
+            pool: pool.into(),
+        };
+        let w = &self.pool_workload;
+        let values = [
+            (&w.wait_seconds, entry.wait_seconds),
+            (&w.oldest_wait_seconds, entry.oldest_wait_seconds),
+            (&w.completion_rate, entry.completion_rate),
+            (&w.arrival_rate, entry.arrival_rate),
+            (&w.service_seconds, entry.service_seconds),
+            (&w.busy_fraction, entry.busy_fraction),
+        ];
+        for (gauge, value) in values {
+            match value {
+                Some(v) => {
+                    gauge.get_or_create(&labels).set(v);
+                }
+                None => {
+                    gauge.remove(&labels);
+                }
+            }
+        }
+    }
+
+    /// Removes a pool's workload gauges (its scaler loop stopped).
+    pub fn forget_pool(&self, namespace: &str, celery: &str, pool: &str) {
+        let labels = PoolLabels {
+            namespace: namespace.into(),
+            celery: celery.into(),
+            pool: pool.into(),
+        };
+        for (_, _, gauge) in self.pool_workload.all() {
+            gauge.remove(&labels);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_figures_are_gauges_absent_while_unknown() {
+        let m = Metrics::default();
+        let mut entry: crate::crd::PoolScaling = serde_json::from_value(serde_json::json!({
+            "pool": "w", "currentReplicas": 1, "desiredReplicas": 1, "lastDecision": "Keep",
+            "reason": "", "lastDecisionTime": "2026-12-06T00:00:00Z",
+            "waitSeconds": 2.5, "completionRate": 4.0
+        }))
+        .unwrap();
+        m.record_workload("ns", "app", "w", &entry);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "celery_operator_pool_wait_seconds{namespace=\"ns\",celery=\"app\",pool=\"w\"} 2.5"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("celery_operator_pool_service_seconds{"),
+            "{text}"
+        );
+        entry.wait_seconds = None;
+        m.record_workload("ns", "app", "w", &entry);
+        assert!(!m.encode().contains("celery_operator_pool_wait_seconds{"));
+        m.forget_pool("ns", "app", "w");
+        assert!(!m.encode().contains("celery_operator_pool_completion_rate{"));
+    }
 
     #[test]
     fn encodes_counters_with_labels() {

@@ -110,6 +110,8 @@ impl Context {
     ) -> Self {
         let events = Publisher::new(client.clone(), instance);
         let caches = Caches::default();
+        // The followers measure what the workers do; the scaler loops read it.
+        let workloads = Arc::new(crate::workload::Workloads::default());
         let scalers = Arc::new(Scalers::new(
             client.clone(),
             events.clone(),
@@ -117,12 +119,14 @@ impl Context {
             plugins.clone(),
             caches.clone(),
             poll_interval,
+            workloads.clone(),
         ));
         let lifecycle = Arc::new(Lifecycle::new(
             client.clone(),
             events.clone(),
             metrics.clone(),
             plugins.clone(),
+            workloads,
         ));
         Context {
             client,

@@ -6,6 +6,7 @@ import os
 import time
 
 from celery import Celery
+from celery.signals import before_task_publish
 
 app = Celery("tasks", broker=os.environ["CELERY_BROKER_URL"])
 app.conf.update(
@@ -17,6 +18,13 @@ app.conf.update(
     # REMAP_SIGTERM=SIGQUIT), running tasks get this long before they are requeued.
     worker_soft_shutdown_timeout=float(os.environ.get("SOFT_SHUTDOWN_TIMEOUT", "0")),
 )
+
+
+# The opt-in the operator documents for the oldest waiting task's age: stamp every task
+# with the time it was sent.
+@before_task_publish.connect
+def stamp_published_at(headers=None, **kwargs):
+    headers["published_at"] = time.time()
 
 
 @app.task

@@ -9,7 +9,10 @@ It shows what most custom scalers need:
 * settings from the resource (``autoscaling.scaler.settings``), refused with a clear
   message when they are wrong (``reject``: the host's failure policy takes over);
 * time and history from the input, never from a clock: the sandbox grants none, and a plugin
-  that is a pure function of its input is easy to test.
+  that is a pure function of its input is easy to test;
+* the workload figures the host measures (``input.workload``, WIT 0.2.0): when the pool's
+  completion rate and workers are known, the measured throughput per worker replaces the
+  ``tasksPerSecondPerWorker`` setting.
 
 Settings (all optional)::
 
@@ -42,7 +45,12 @@ class Scaler(exports.Scaler):
     def decide(self, input: ScalingInput) -> Decision:
         s = read_settings(input.settings)
         tasks = backlog(input.samples[-1].queues)
-        per_worker = s["tasksPerSecondPerWorker"] * s["drainSeconds"]
+        rate = s["tasksPerSecondPerWorker"]
+        w = input.workload
+        measured = w.completion_rate is not None and w.completion_rate > 0 and w.workers
+        if measured:
+            rate = w.completion_rate / w.workers
+        per_worker = rate * s["drainSeconds"]
         wanted = clamp(replicas_for(tasks, per_worker), input.min_replicas, input.max_replicas)
         # Scale down only to the highest recommendation of the last scaleDownAfterSeconds.
         window_start = input.now_ms - s["scaleDownAfterSeconds"] * 1000
@@ -50,7 +58,7 @@ class Scaler(exports.Scaler):
         replicas = max([wanted, *recent]) if wanted < input.current_replicas else wanted
         reason = (
             f"{tasks} tasks drain in {s['drainSeconds']:g} s with {wanted} workers "
-            f"at {s['tasksPerSecondPerWorker']:g} tasks/s each"
+            f"at {rate:g} tasks/s each ({'measured' if measured else 'set'})"
         )
         if replicas != wanted:
             reason += f"; holding {replicas} (recommended within {s['scaleDownAfterSeconds']:g} s)"

@@ -23,6 +23,10 @@ pub struct QueueSample {
     /// Messages waiting per priority step (`0` is the queue itself), when the broker keeps
     /// priorities apart.
     pub by_priority: Vec<(u32, u64)>,
+    /// How long the oldest waiting message has waited, in milliseconds: known when it
+    /// carries a `published_at` header (Unix seconds, stamped by the app's
+    /// `before_task_publish` hook) and the broker lets the probe read it (Redis).
+    pub oldest_wait_ms: Option<u64>,
 }
 
 /// Why a probe failed. The scaler holds the pool's replicas when it does.

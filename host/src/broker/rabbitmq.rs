@@ -160,6 +160,8 @@ fn samples_from(
                 ready: *ready,
                 reserved: *reserved,
                 by_priority: Vec::new(),
+                // The management API's listing does not show the head message.
+                oldest_wait_ms: None,
             }),
             Some(_) => Err(ProbeError::Broker(format!(
                 "RabbitMQ reports no message counts for queue {name} (is it running?)"

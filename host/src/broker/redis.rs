@@ -100,6 +100,26 @@ pub fn reserved_per_queue<'a>(
     counts
 }
 
+/// The `published_at` header (Unix seconds) of a kombu message as it lies in a Redis list:
+/// JSON with the message's `headers`. `None` for anything else.
+pub fn published_at(raw: &[u8]) -> Option<f64> {
+    #[derive(serde::Deserialize)]
+    struct Message {
+        headers: Headers,
+    }
+    #[derive(serde::Deserialize)]
+    struct Headers {
+        published_at: f64,
+    }
+    let m: Message = serde_json::from_slice(raw).ok()?;
+    Some(m.headers.published_at).filter(|t| t.is_finite() && *t > 0.0)
+}
+
+/// How long a message published at `published_at` (Unix seconds) has waited at `now_ms`.
+pub fn waited_ms(published_at: f64, now_ms: u64) -> u64 {
+    (now_ms as f64 - published_at * 1000.0).max(0.0) as u64
+}
+
 /// A probe of one Redis broker. The connection is shared and reconnects by itself.
 #[derive(Clone)]
 pub struct RedisProbe {
@@ -117,37 +137,47 @@ impl RedisProbe {
         Ok(RedisProbe { connection, layout })
     }
 
-    /// Reads every queue of `queues` in one pipelined round trip.
+    /// Reads every queue of `queues` in one pipelined round trip: each list's length and its
+    /// oldest message (kombu pushes on the left and pops on the right), for its age.
     pub async fn sample(&self, queues: &[String]) -> Result<Vec<QueueSample>, ProbeError> {
         let mut pipe = redis::pipe();
         for queue in queues {
             for (_, key) in self.layout.list_keys(queue) {
-                pipe.llen(key);
+                pipe.llen(&key).lindex(key, -1);
             }
         }
         pipe.hvals(self.layout.unacked_key());
         let mut connection = self.connection.clone();
-        let (lengths, unacked): (Vec<u64>, Vec<Vec<u8>>) = {
+        let (lengths, oldest, unacked): (Vec<u64>, Vec<Option<f64>>, Vec<Vec<u8>>) = {
             let mut replies: Vec<redis::Value> = pipe
                 .query_async(&mut connection)
                 .await
                 .map_err(|e| ProbeError::Broker(redacted(e)))?;
             let unacked = replies.pop().unwrap_or(redis::Value::Nil);
-            let lengths = replies
-                .into_iter()
-                .map(|v| redis::from_redis_value(v).map_err(|e| ProbeError::Broker(e.to_string())))
-                .collect::<Result<_, _>>()?;
             let unacked =
                 redis::from_redis_value(unacked).map_err(|e| ProbeError::Broker(e.to_string()))?;
-            (lengths, unacked)
+            let (mut lengths, mut oldest) = (Vec::new(), Vec::new());
+            let mut replies = replies.into_iter();
+            while let (Some(length), Some(head)) = (replies.next(), replies.next()) {
+                lengths.push(
+                    redis::from_redis_value(length)
+                        .map_err(|e| ProbeError::Broker(e.to_string()))?,
+                );
+                let head: Option<Vec<u8>> = redis::from_redis_value(head).unwrap_or(None);
+                oldest.push(head.as_deref().and_then(published_at));
+            }
+            (lengths, oldest, unacked)
         };
+        let now_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
         let reserved = reserved_per_queue(unacked.iter().map(Vec::as_slice), queues);
         let steps = self.layout.priority_steps.len();
         Ok(queues
             .iter()
-            .zip(lengths.chunks(steps))
-            .map(|(queue, lengths)| QueueSample {
+            .zip(lengths.chunks(steps).zip(oldest.chunks(steps)))
+            .map(|(queue, (lengths, oldest))| QueueSample {
                 name: queue.clone(),
+                // The longest wait over the priority lists.
+                oldest_wait_ms: oldest.iter().flatten().map(|t| waited_ms(*t, now_ms)).max(),
                 ready: lengths.iter().sum(),
                 reserved: reserved[queue],
                 by_priority: self

@@ -124,7 +124,13 @@ pub(super) async fn follow(ctx: Arc<Lifecycle>, celery: Celery, pools: Vec<PoolS
                             sample_backlog(probe, &mut roster).await;
                         }
                     }
-                    let changes = roster.tick(now_ms());
+                    let now = now_ms();
+                    let changes = roster.tick(now);
+                    for pool in roster.pools() {
+                        if let Some(beat) = roster.beat(&pool.name, now) {
+                            ctx.workloads.record(&ns, &celery.name_any(), &pool.name, beat);
+                        }
+                    }
                     carry_out(&ctx, &celery, &mut roster, changes).await;
                     write_status(&ctx, &celery, &roster, None, &mut written).await;
                 }

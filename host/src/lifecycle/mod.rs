@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::names::worker_name;
 use crate::plugin::Plugins;
 use crate::state::Loop;
+use crate::workload::Workloads;
 use roster::PoolSettings;
 
 /// `lifecycle.stalledAfterSeconds` when unset.
@@ -32,6 +33,7 @@ pub struct Lifecycle {
     events: Publisher,
     metrics: Arc<Metrics>,
     plugins: Arc<Plugins>,
+    workloads: Arc<Workloads>,
 }
 
 /// Whether the operator follows a pool's workers: as `lifecycle.enabled` says, by default
@@ -77,18 +79,21 @@ pub fn followed_pools(
 }
 
 impl Lifecycle {
-    /// The followers of an operator.
+    /// The followers of an operator; they record what each pool's workers do in
+    /// `workloads`.
     pub fn new(
         client: Client,
         events: Publisher,
         metrics: Arc<Metrics>,
         plugins: Arc<Plugins>,
+        workloads: Arc<Workloads>,
     ) -> Self {
         Lifecycle {
             client,
             events,
             metrics,
             plugins,
+            workloads,
         }
     }
 

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::broker::events::{Kind, WorkerEvent};
+use crate::workload::Beat;
 
 /// The annotation the ReplicaSet controller reads: on scale-down, pods with a lower cost go
 /// first (after pending and not-ready pods).
@@ -121,6 +122,8 @@ struct Worker {
     running: bool,
     last_active_ms: u64,
     processed: u64,
+    /// Tasks running at its last event.
+    active: u32,
     /// The last time it ran or finished a task (or was first heard from).
     progress_ms: u64,
     stall: Option<Stall>,
@@ -144,6 +147,8 @@ pub struct Roster {
     workers: BTreeMap<String, Worker>,
     /// Per pool: since when its queues have held tasks at every sample.
     backlog_since: Vec<Option<u64>>,
+    /// Per pool: tasks its workers started while followed (see [`Beat::started`]).
+    started: Vec<u64>,
 }
 
 /// Whether `pod` can be a pod of `deployment`: `<deployment>-...`, and a valid object name.
@@ -163,10 +168,12 @@ impl Roster {
     /// A roster of `pools`' workers.
     pub fn new(pools: Vec<PoolSettings>) -> Self {
         let backlog_since = vec![None; pools.len()];
+        let started = vec![0; pools.len()];
         Roster {
             pools,
             workers: BTreeMap::new(),
             backlog_since,
+            started,
         }
     }
 
@@ -208,6 +215,7 @@ impl Roster {
                     running: false,
                     last_active_ms: 0,
                     processed: event.processed,
+                    active: 0,
                     progress_ms: now_ms,
                     stall: None,
                     written: None,
@@ -217,6 +225,7 @@ impl Roster {
         let w = self.workers.get_mut(pod).expect("inserted above");
         w.last_seen_ms = now_ms;
         w.running = event.active > 0;
+        w.active = event.active;
         if event.active > 0 {
             w.busy_streak = w.busy_streak.saturating_add(1);
             w.last_active_ms = now_ms;
@@ -228,6 +237,8 @@ impl Roster {
             w.busy_streak = 0;
         }
         if event.processed != w.processed {
+            // A restarted worker (same pod, new process) counts from zero again.
+            self.started[pool] += event.processed.saturating_sub(w.processed);
             w.processed = event.processed;
             w.progress_ms = now_ms;
         }
@@ -314,6 +325,26 @@ impl Roster {
     /// `pod` does not exist: its worker is forgotten.
     pub fn gone(&mut self, pod: &str) {
         self.workers.remove(pod);
+    }
+
+    /// What the pool `pool`'s live (not stalled) workers do at `now_ms`, for its
+    /// [`crate::workload`] figures.
+    pub fn beat(&self, pool: &str, now_ms: u64) -> Option<Beat> {
+        let index = self.pools.iter().position(|p| p.name == pool)?;
+        let mut beat = Beat {
+            at_ms: now_ms,
+            started: self.started[index],
+            ..Beat::default()
+        };
+        for w in self
+            .workers
+            .values()
+            .filter(|w| w.pool == index && w.stall.is_none())
+        {
+            beat.workers += 1;
+            beat.running += w.active;
+        }
+        Some(beat)
     }
 
     /// The figures of the pool `pool`.
@@ -527,5 +558,48 @@ mod tests {
         }
         assert_eq!(r.tick(2000).writes.len(), 5);
         assert_eq!(r.summary("default").seen, 5);
+    }
+
+    #[test]
+    fn beats_count_started_tasks_and_running_ones_of_live_workers() {
+        let mut r = roster();
+        let (a, b) = (
+            "app-worker-default-7d9f-aaaaa",
+            "app-worker-default-7d9f-bbbbb",
+        );
+        // First events set each worker's baseline: tasks started before are not counted.
+        r.observe(&event(a, Kind::Heartbeat, 2, 50), 0);
+        r.observe(&event(b, Kind::Heartbeat, 0, 7), 0);
+        assert_eq!(
+            r.beat("default", 0),
+            Some(Beat {
+                at_ms: 0,
+                started: 0,
+                running: 2,
+                workers: 2
+            })
+        );
+        r.observe(&event(a, Kind::Heartbeat, 3, 56), 2000);
+        r.observe(&event(b, Kind::Heartbeat, 1, 9), 2000);
+        assert_eq!(
+            r.beat("default", 2000),
+            Some(Beat {
+                at_ms: 2000,
+                started: 8,
+                running: 4,
+                workers: 2
+            })
+        );
+        // b restarts in the same pod: its count starts again from zero, nothing is lost.
+        r.observe(&event(b, Kind::Heartbeat, 1, 1), 4000);
+        r.observe(&event(a, Kind::Heartbeat, 0, 57), 4000);
+        assert_eq!(r.beat("default", 4000).unwrap().started, 9);
+        // A stalled worker is not live.
+        r.tick(4000 + STALLED_AFTER + 1);
+        assert_eq!(
+            r.beat("default", 4000 + STALLED_AFTER + 1).unwrap().workers,
+            0
+        );
+        assert_eq!(r.beat("other", 0), None);
     }
 }

@@ -6,6 +6,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("hpa", HPA),
     ("keda", KEDA),
     ("queue-length", QUEUE_LENGTH),
+    ("latency", LATENCY),
     ("noop", NOOP),
 ];
 
@@ -16,5 +17,8 @@ pub const KEDA: &[u8] = include_bytes!(concat!(env!("CELERY_PLUGIN_DIR"), "/keda
 /// HPA-compatible scaling decisions on queue length.
 pub const QUEUE_LENGTH: &[u8] =
     include_bytes!(concat!(env!("CELERY_PLUGIN_DIR"), "/queue_length.wasm"));
+/// Little's-law scaling decisions on a target task wait (`targetWaitSeconds`), from the
+/// workload figures the operator measures.
+pub const LATENCY: &[u8] = include_bytes!(concat!(env!("CELERY_PLUGIN_DIR"), "/latency.wasm"));
 /// A shaper that changes nothing.
 pub const NOOP: &[u8] = include_bytes!(concat!(env!("CELERY_PLUGIN_DIR"), "/noop_shaper.wasm"));

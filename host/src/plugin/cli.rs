@@ -102,6 +102,22 @@ struct ScalingFile {
     history: Vec<RecommendationFile>,
     #[serde(default)]
     settings: Option<Value>,
+    /// The workload figures (WIT 0.2.0); each optional.
+    #[serde(default)]
+    workload: WorkloadFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WorkloadFile {
+    window_seconds: Option<f64>,
+    completion_rate: Option<f64>,
+    arrival_rate: Option<f64>,
+    service_seconds: Option<f64>,
+    busy_fraction: Option<f64>,
+    concurrency: Option<u32>,
+    running: Option<u32>,
+    workers: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -112,11 +128,13 @@ struct SampleFile {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct QueueFile {
     name: String,
     ready: u64,
     reserved: u64,
+    #[serde(default)]
+    oldest_wait_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +227,7 @@ pub fn run(
                                 name: q.name,
                                 ready: q.ready,
                                 reserved: q.reserved,
+                                oldest_wait_ms: q.oldest_wait_ms,
                             })
                             .collect(),
                     })
@@ -222,6 +241,16 @@ pub fn run(
                     })
                     .collect(),
                 settings: settings_text(f.settings.as_ref()),
+                workload: scaler::Workload {
+                    window_seconds: f.workload.window_seconds,
+                    completion_rate: f.workload.completion_rate,
+                    arrival_rate: f.workload.arrival_rate,
+                    service_seconds: f.workload.service_seconds,
+                    busy_fraction: f.workload.busy_fraction,
+                    concurrency: f.workload.concurrency,
+                    running: f.workload.running,
+                    workers: f.workload.workers,
+                },
             };
             start = Instant::now();
             let d = runtime.decide(&plugin, &input)?;

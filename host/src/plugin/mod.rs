@@ -28,7 +28,7 @@ pub use runtime::{Calls, Limits, Plugin, Runtime};
 /// The WIT package plugins implement.
 pub const WIT_PACKAGE: &str = "celery:operator";
 /// The versions of [`WIT_PACKAGE`] this operator serves.
-pub const WIT_VERSIONS_SERVED: &[&str] = &["0.1.0"];
+pub const WIT_VERSIONS_SERVED: &[&str] = &["0.1.0", "0.2.0"];
 
 /// Plugin settings as the JSON object text the WIT expects (`{}` when there are none).
 pub fn settings_text(settings: Option<&serde_json::Value>) -> String {

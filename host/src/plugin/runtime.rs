@@ -14,7 +14,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use super::bindings::{autoscaler, scaler, shaper};
+use super::bindings::{autoscaler, scaler, shaper, v0_1};
 use super::compile::Compiler;
 use super::wasi::{self, Wasi};
 use super::{PluginError, Role, WIT_PACKAGE, WIT_VERSIONS_SERVED};
@@ -97,9 +97,19 @@ pub struct Plugin {
     /// Interfaces of the package it exports at versions this operator does not serve
     /// (`celery:operator/shaper@0.2.0`): ignored.
     pub ignored: Vec<String>,
-    shaper: Option<shaper::ShaperPluginPre<State>>,
-    autoscaler: Option<autoscaler::AutoscalerPluginPre<State>>,
-    scaler: Option<scaler::ScalerPluginPre<State>>,
+    shaper: Option<Pre<shaper::ShaperPluginPre<State>, v0_1::shaper::ShaperPluginPre<State>>>,
+    autoscaler: Option<
+        Pre<autoscaler::AutoscalerPluginPre<State>, v0_1::autoscaler::AutoscalerPluginPre<State>>,
+    >,
+    scaler: Option<Pre<scaler::ScalerPluginPre<State>, v0_1::scaler::ScalerPluginPre<State>>>,
+}
+
+/// A role's pre-instantiated bindings, at the WIT version the plugin speaks.
+enum Pre<Current, V0_1> {
+    /// `celery:operator@0.2.0`.
+    Current(Current),
+    /// `celery:operator@0.1.0`.
+    V0_1(V0_1),
 }
 
 impl std::fmt::Debug for Plugin {
@@ -326,23 +336,39 @@ impl Runtime {
             PluginError::Invalid(text::clean(&format!("{e:#}"), limit::PLUGIN_MESSAGE))
         };
         let has = |r| exports.roles.contains(&r);
+        let current = exports.version != "0.1.0";
+        // Bindings of the plugin's version for a role it implements.
+        macro_rules! pre {
+            ($role:expr, $current:ty, $old:ty) => {
+                if !has($role) {
+                    None
+                } else if current {
+                    Some(Pre::Current(<$current>::new(pre.clone()).map_err(invalid)?))
+                } else {
+                    Some(Pre::V0_1(<$old>::new(pre.clone()).map_err(invalid)?))
+                }
+            };
+        }
         let plugin = Plugin {
             digest: digest.clone(),
             size: bytes.len(),
+            shaper: pre!(
+                Role::Shaper,
+                shaper::ShaperPluginPre<State>,
+                v0_1::shaper::ShaperPluginPre<State>
+            ),
+            autoscaler: pre!(
+                Role::Autoscaler,
+                autoscaler::AutoscalerPluginPre<State>,
+                v0_1::autoscaler::AutoscalerPluginPre<State>
+            ),
+            scaler: pre!(
+                Role::Scaler,
+                scaler::ScalerPluginPre<State>,
+                v0_1::scaler::ScalerPluginPre<State>
+            ),
             wit_version: exports.version,
             ignored: exports.ignored,
-            shaper: has(Role::Shaper)
-                .then(|| shaper::ShaperPluginPre::new(pre.clone()))
-                .transpose()
-                .map_err(invalid)?,
-            autoscaler: has(Role::Autoscaler)
-                .then(|| autoscaler::AutoscalerPluginPre::new(pre.clone()))
-                .transpose()
-                .map_err(invalid)?,
-            scaler: has(Role::Scaler)
-                .then(|| scaler::ScalerPluginPre::new(pre))
-                .transpose()
-                .map_err(invalid)?,
             roles: exports.roles,
         };
         self.check_types(&plugin)?;
@@ -377,20 +403,37 @@ impl Runtime {
                 limit::PLUGIN_MESSAGE,
             ))
         };
-        if let Some(pre) = &plugin.shaper {
-            self.with(self.maxima)
-                .call(|store| pre.instantiate(store).map(drop))
-                .map_err(|e| wrong(Role::Shaper, e))?;
+        let calls = self.with(self.maxima);
+        let check =
+            |role: Role, started: Result<(), PluginError>| started.map_err(|e| wrong(role, e));
+        match &plugin.shaper {
+            Some(Pre::Current(pre)) => {
+                check(Role::Shaper, calls.call(|s| pre.instantiate(s).map(drop)))?
+            }
+            Some(Pre::V0_1(pre)) => {
+                check(Role::Shaper, calls.call(|s| pre.instantiate(s).map(drop)))?
+            }
+            None => {}
         }
-        if let Some(pre) = &plugin.autoscaler {
-            self.with(self.maxima)
-                .call(|store| pre.instantiate(store).map(drop))
-                .map_err(|e| wrong(Role::Autoscaler, e))?;
+        match &plugin.autoscaler {
+            Some(Pre::Current(pre)) => check(
+                Role::Autoscaler,
+                calls.call(|s| pre.instantiate(s).map(drop)),
+            )?,
+            Some(Pre::V0_1(pre)) => check(
+                Role::Autoscaler,
+                calls.call(|s| pre.instantiate(s).map(drop)),
+            )?,
+            None => {}
         }
-        if let Some(pre) = &plugin.scaler {
-            self.with(self.maxima)
-                .call(|store| pre.instantiate(store).map(drop))
-                .map_err(|e| wrong(Role::Scaler, e))?;
+        match &plugin.scaler {
+            Some(Pre::Current(pre)) => {
+                check(Role::Scaler, calls.call(|s| pre.instantiate(s).map(drop)))?
+            }
+            Some(Pre::V0_1(pre)) => {
+                check(Role::Scaler, calls.call(|s| pre.instantiate(s).map(drop)))?
+            }
+            None => {}
         }
         Ok(())
     }
@@ -557,14 +600,20 @@ impl Calls<'_> {
         plugin: &Plugin,
         input: &shaper::ShapeInput,
     ) -> Result<Vec<String>, PluginError> {
+        let role = Role::Shaper;
         let objects = self.call_role(
             plugin,
-            Role::Shaper,
+            role,
             plugin.shaper.as_ref(),
-            |pre, store| {
-                pre.instantiate(&mut *store)?
+            |pre, store| match pre {
+                Pre::Current(pre) => pre
+                    .instantiate(&mut *store)?
                     .celery_operator_shaper()
-                    .call_shape(&mut *store, input)
+                    .call_shape(&mut *store, input),
+                Pre::V0_1(pre) => pre
+                    .instantiate(&mut *store)?
+                    .celery_operator_shaper()
+                    .call_shape(&mut *store, &v0_1::shape_input(input)),
             },
         )?;
         self.check_output(objects.iter().map(String::len).sum())?;
@@ -578,11 +627,22 @@ impl Calls<'_> {
         input: &autoscaler::PoolInput,
     ) -> Result<Vec<String>, PluginError> {
         let role = Role::Autoscaler;
-        let objects = self.call_role(plugin, role, plugin.autoscaler.as_ref(), |pre, store| {
-            pre.instantiate(&mut *store)?
-                .celery_operator_autoscaler()
-                .call_objects(&mut *store, input)
-        })?;
+        let objects =
+            self.call_role(
+                plugin,
+                role,
+                plugin.autoscaler.as_ref(),
+                |pre, store| match pre {
+                    Pre::Current(pre) => pre
+                        .instantiate(&mut *store)?
+                        .celery_operator_autoscaler()
+                        .call_objects(&mut *store, input),
+                    Pre::V0_1(pre) => pre
+                        .instantiate(&mut *store)?
+                        .celery_operator_autoscaler()
+                        .call_objects(&mut *store, &v0_1::pool_input(input)),
+                },
+            )?;
         self.check_output(objects.iter().map(String::len).sum())?;
         Ok(objects)
     }
@@ -593,16 +653,24 @@ impl Calls<'_> {
         plugin: &Plugin,
         input: &scaler::ScalingInput,
     ) -> Result<scaler::Decision, PluginError> {
-        let mut decision = self.call_role(
-            plugin,
-            Role::Scaler,
-            plugin.scaler.as_ref(),
-            |pre, store| {
-                pre.instantiate(&mut *store)?
-                    .celery_operator_scaler()
-                    .call_decide(&mut *store, input)
-            },
-        )?;
+        let role = Role::Scaler;
+        let mut decision =
+            self.call_role(
+                plugin,
+                role,
+                plugin.scaler.as_ref(),
+                |pre, store| match pre {
+                    Pre::Current(pre) => pre
+                        .instantiate(&mut *store)?
+                        .celery_operator_scaler()
+                        .call_decide(&mut *store, input),
+                    Pre::V0_1(pre) => Ok(pre
+                        .instantiate(&mut *store)?
+                        .celery_operator_scaler()
+                        .call_decide(&mut *store, &v0_1::scaling_input(input))?
+                        .map(v0_1::decision)),
+                },
+            )?;
         self.check_output(decision.reason.len())?;
         decision.reason = text::clean(&decision.reason, limit::REASON);
         Ok(decision)

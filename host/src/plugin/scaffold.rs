@@ -183,10 +183,17 @@ mod tests {
             target_per_replica: 5.0,
             samples: vec![Sample {
                 at_ms: 0,
-                queues: vec![QueueDepth { name: "reports".into(), ready: 30, reserved: 7 }],
+                queues: vec![QueueDepth {
+                    name: "reports".into(),
+                    ready: 30,
+                    reserved: 7,
+                    oldest_wait_ms: None,
+                }],
             }],
             history: vec![],
             settings: "{}".into(),
+            // What the operator measured of the workers (all unknown here).
+            workload: Default::default(),
         };
         assert_eq!(Plugin::decide(input).unwrap().replicas, 8);
     }

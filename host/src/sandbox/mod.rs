@@ -56,6 +56,9 @@ pub struct Options {
     pub out: PathBuf,
     /// Also simulate KEDA + HPA on the same trace and plot it beside the run.
     pub compare_keda: bool,
+    /// Also run, side by side, a copy of the first pool scaled by the built-in `latency`
+    /// scaler with this `targetWaitSeconds`, on its own queue with the same load.
+    pub compare_latency: Option<f64>,
     /// The longest the sandbox waits, after the load, for every task to complete and the
     /// pool to scale back down.
     pub settle_limit: Duration,
@@ -66,6 +69,8 @@ pub struct Outcome {
     pub samples: Vec<Sample>,
     pub accounting: Accounting,
     pub reaction: report::Reaction,
+    /// Each scaler's task waits and cost: the first pool's, then its latency twin's.
+    pub outcomes: Vec<report::Outcome>,
     /// The report's Markdown file.
     pub report: PathBuf,
 }
@@ -80,6 +85,10 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     let mut celery: Celery = serde_saphyr::from_str(&text)
         .with_context(|| format!("{} is not a Celery resource", options.resource.display()))?;
     celery.metadata.namespace = Some(NAMESPACE.into());
+    if let Some(target) = options.compare_latency {
+        let twin = latency_twin(celery.spec.workers.first(), target)?;
+        celery.spec.workers.insert(1, twin);
+    }
     let pool = celery
         .spec
         .workers
@@ -96,12 +105,16 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             queues: p.queues.clone(),
         })
         .collect();
-    // The load goes to the first pool's first queue.
+    // The load goes to the first pool's first queue (and the same load to its latency twin's).
     let queue = pools[0]
         .queues
         .first()
         .cloned()
         .context("the pool has no queue")?;
+    let mut loaded = vec![queue.clone()];
+    if options.compare_latency.is_some() {
+        loaded.push(pools[1].queues[0].clone());
+    }
     let python = options.venv.join("bin/python");
     if !python.exists() {
         bail!(
@@ -171,7 +184,8 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
 
     let mut view = view::View::default();
     let mut samples = Vec::new();
-    let total = options.trace.total_tasks();
+    let mut twin_samples = Vec::new();
+    let total = options.trace.total_tasks() * loaded.len() as u64;
     let load_seconds = options.trace.duration();
     let t0 = Instant::now();
     let mut next_second = 0usize;
@@ -181,7 +195,7 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         let t = t0.elapsed().as_secs_f64();
         while next_second < load_seconds && next_second as f64 <= t {
             let s = options.trace.seconds[next_second];
-            if s.tasks > 0 {
+            for queue in loaded.iter().filter(|_| s.tasks > 0) {
                 let line = format!("{} {} {queue}\n", s.tasks, s.task_seconds);
                 sender_in
                     .write_all(line.as_bytes())
@@ -193,9 +207,14 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         let looks = look(&probe, &mut broker, &deployments, &pools, t).await;
         let s = looks[0];
         samples.push(s);
+        if options.compare_latency.is_some() {
+            twin_samples.push(looks[1]);
+        }
         let sending = next_second < load_seconds;
-        let settled =
-            !sending && s.sent >= total && s.done + s.failed >= total && s.desired <= floor;
+        let settled = !sending
+            && s.sent >= total
+            && s.done + s.failed >= total
+            && looks.iter().take(loaded.len()).all(|l| l.desired <= floor);
         let phase = if sending {
             "sending"
         } else {
@@ -229,25 +248,87 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
     let _ = sender.wait().await;
 
     let accounting = services::accounting(&mut broker).await?;
+    let mut waits = Vec::new();
+    for queue in &loaded {
+        waits.push(services::waits(&mut broker, queue).await?);
+    }
     let _ = stop_kubelet.send(true);
     let _ = kubelet.await;
     operator.stop().await;
     drop(redis);
 
-    write_report(&options, &pool, samples, accounting)
+    let run = Run {
+        samples,
+        twin_samples,
+        waits,
+        accounting,
+    };
+    write_report(&options, &pool, run)
 }
 
-/// Writes the report of a run (and, when asked, of its KEDA + HPA simulation).
+/// What a run saw: the first pool's samples (and its latency twin's), the waits of the tasks
+/// of each loaded queue (first pool's, then the twin's), and the fate of every task.
+struct Run {
+    samples: Vec<Sample>,
+    twin_samples: Vec<Sample>,
+    waits: Vec<Vec<f64>>,
+    accounting: Accounting,
+}
+
+/// A copy of `pool` on its own queue, scaled by the built-in `latency` scaler with
+/// `target_wait_seconds` and the same stabilization settings: the sandbox runs both side
+/// by side on the same load.
+fn latency_twin(
+    pool: Option<&crate::crd::WorkerPool>,
+    target_wait_seconds: f64,
+) -> anyhow::Result<crate::crd::WorkerPool> {
+    let pool = pool.context("the Celery resource has no worker pool")?;
+    anyhow::ensure!(
+        target_wait_seconds.is_finite() && target_wait_seconds > 0.0,
+        "the target wait must be a positive number of seconds"
+    );
+    let mut twin = pool.clone();
+    twin.name = "latency".into();
+    twin.queues = vec!["latency".into()];
+    let autoscaling = twin
+        .autoscaling
+        .as_mut()
+        .context("the first pool is not autoscaled: nothing to compare")?;
+    let mut settings = autoscaling
+        .scaler
+        .as_ref()
+        .and_then(|s| s.settings.clone())
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(settings) = settings.as_object_mut() {
+        settings.retain(|k, _| k.ends_with("StabilizationSeconds") || k == "tolerance");
+        settings.insert("targetWaitSeconds".into(), target_wait_seconds.into());
+    }
+    autoscaling.scaler = Some(crate::crd::PluginRef {
+        name: "latency".into(),
+        digest: None,
+        settings: Some(settings),
+        limits: None,
+    });
+    Ok(twin)
+}
+
+/// Writes the report of a run (and, when asked, of its KEDA + HPA simulation or of its
+/// latency twin).
 fn write_report(
     options: &Options,
     pool: &crate::crd::WorkerPool,
-    samples: Vec<Sample>,
-    accounting: Accounting,
+    run: Run,
 ) -> anyhow::Result<Outcome> {
+    let Run {
+        samples,
+        twin_samples,
+        waits,
+        accounting,
+    } = run;
     let out = &options.out;
     let reaction = report::reaction(&samples);
     let title = format!("{} load on pool {}", options.scenario, pool.name);
-    let mut extra = Vec::new();
+    let mut extra: Vec<report::Series> = Vec::new();
     let mut comparison = None;
     if options.compare_keda {
         let sim = keda::simulate(
@@ -258,6 +339,44 @@ fn write_report(
         comparison = Some(keda::summary(&sim, &samples, options.trace.total_tasks()));
         extra = sim.series();
     }
+    let scaler = |p: &crate::crd::WorkerPool| {
+        p.autoscaling
+            .as_ref()
+            .and_then(|a| a.scaler.as_ref())
+            .map_or("queue-length".to_string(), |s| s.name.clone())
+    };
+    let mut rows = vec![report::Outcome::of(
+        &format!("{} (pool {})", scaler(pool), pool.name),
+        &samples,
+        waits.first().map_or(&[][..], Vec::as_slice),
+    )];
+    if let Some(target) = options.compare_latency {
+        rows.push(report::Outcome::of(
+            &format!("latency, target wait {target} s (pool latency)"),
+            &twin_samples,
+            waits.get(1).map_or(&[][..], Vec::as_slice),
+        ));
+        extra.push(report::Series {
+            label: "latency scaler: replicas ready",
+            points: twin_samples
+                .iter()
+                .map(|s| (s.t, f64::from(s.ready)))
+                .collect(),
+        });
+        extra.push(report::Series {
+            label: "latency scaler: backlog",
+            points: twin_samples
+                .iter()
+                .map(|s| (s.t, s.backlog() as f64))
+                .collect(),
+        });
+        report::write(out, "latency-samples.csv", &report::csv(&twin_samples))?;
+    }
+    let table = report::outcomes(&rows);
+    let comparison = match comparison {
+        Some(c) => Some(format!("{table}\n{c}")),
+        None => Some(table),
+    };
     let svg = report::plot(&samples, &extra, &title).map_err(anyhow::Error::msg)?;
     report::write(out, "report.svg", &svg)?;
     report::write(out, "samples.csv", &report::csv(&samples))?;
@@ -274,6 +393,7 @@ fn write_report(
         samples,
         accounting,
         reaction,
+        outcomes: rows,
         report: out.join("report.md"),
     })
 }

@@ -98,6 +98,77 @@ pub fn replica_seconds(samples: &[Sample]) -> f64 {
         .sum()
 }
 
+/// A quantile of `values` (sorted, nearest rank), `None` when empty.
+pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// What one scaler achieved on a pool over a run: how long its tasks waited for a worker
+/// and what the workers cost.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// Which scaler, on which pool.
+    pub scaler: String,
+    /// Tasks whose wait was recorded.
+    pub tasks: usize,
+    /// Median wait, seconds.
+    pub wait_p50: Option<f64>,
+    /// 95th percentile wait, seconds.
+    pub wait_p95: Option<f64>,
+    /// Longest wait, seconds.
+    pub wait_max: Option<f64>,
+    /// Worker-seconds spent (see [`replica_seconds`]).
+    pub replica_seconds: f64,
+    /// Most replicas asked for.
+    pub peak: u32,
+}
+
+impl Outcome {
+    /// The outcome of a pool's `samples` and its tasks' `waits` (seconds, any order).
+    pub fn of(scaler: &str, samples: &[Sample], waits: &[f64]) -> Outcome {
+        let mut sorted: Vec<f64> = waits.iter().copied().filter(|w| w.is_finite()).collect();
+        sorted.sort_by(f64::total_cmp);
+        Outcome {
+            scaler: scaler.into(),
+            tasks: sorted.len(),
+            wait_p50: quantile(&sorted, 0.5),
+            wait_p95: quantile(&sorted, 0.95),
+            wait_max: sorted.last().copied(),
+            replica_seconds: replica_seconds(samples),
+            peak: samples.iter().map(|s| s.desired).max().unwrap_or(0),
+        }
+    }
+}
+
+/// The outcomes as a Markdown section.
+pub fn outcomes(rows: &[Outcome]) -> String {
+    let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} s"));
+    let mut out = String::from("## Task wait and cost\n\n");
+    out.push_str("How long tasks waited for a worker (recorded by each task when it started, from the `published_at` header the app stamps) and the worker-seconds spent.\n\n");
+    out.push_str(
+        "| scaler | tasks | wait p50 | wait p95 | wait max | worker-seconds | most replicas |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.0} | {} |",
+            r.scaler,
+            r.tasks,
+            secs(r.wait_p50),
+            secs(r.wait_p95),
+            secs(r.wait_max),
+            r.replica_seconds,
+            r.peak
+        );
+    }
+    out
+}
+
 /// The samples as CSV.
 pub fn csv(samples: &[Sample]) -> String {
     let mut out = String::from("t,queued,reserved,desired,ready,sent,done,failed\n");
@@ -345,5 +416,33 @@ mod tests {
         assert!(md.contains("| 40 | 40 | **0** | 0 |"), "{md}");
         assert!(md.contains("scale-up asked for: 0.0 s"), "{md}");
         assert_eq!(csv(&samples).lines().count(), 4);
+    }
+
+    #[test]
+    fn outcomes_give_wait_percentiles_and_cost() {
+        let samples = [
+            s(0.0, 0, 0, 1, 1),
+            s(10.0, 40, 0, 4, 2),
+            s(20.0, 0, 0, 1, 1),
+        ];
+        let waits: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        let o = Outcome::of("latency", &samples, &waits);
+        assert_eq!((o.tasks, o.peak), (20, 4));
+        assert_eq!(
+            (o.wait_p50, o.wait_p95, o.wait_max),
+            (Some(10.0), Some(19.0), Some(20.0))
+        );
+        assert_eq!(o.replica_seconds, 10.0 + 20.0);
+        let none = Outcome::of("queue-length", &samples, &[]);
+        assert_eq!(none.wait_p50, None);
+        let md = outcomes(&[o, none]);
+        assert!(
+            md.contains("| latency | 20 | 10.0 s | 19.0 s | 20.0 s | 30 | 4 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| queue-length | 0 | - | - | - | 30 | 4 |"),
+            "{md}"
+        );
     }
 }

@@ -142,6 +142,17 @@ pub async fn task_counts(broker: &mut redis::aio::MultiplexedConnection) -> (u64
     figures.unwrap_or_default()
 }
 
+/// How long each task sent to `queue` waited for a worker, in seconds, as the tasks recorded
+/// it (`sandbox:wait:<queue>`).
+pub async fn waits(
+    broker: &mut redis::aio::MultiplexedConnection,
+    queue: &str,
+) -> anyhow::Result<Vec<f64>> {
+    Ok(broker
+        .lrange(format!("sandbox:wait:{queue}"), 0, -1)
+        .await?)
+}
+
 /// The fate of every task sent, from what the tasks recorded.
 pub async fn accounting(
     broker: &mut redis::aio::MultiplexedConnection,

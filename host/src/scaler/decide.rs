@@ -15,10 +15,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::limits::{self, Change, EVENTS_MS};
 use crate::broker::{ProbeError, QueueSample};
 use crate::crd::{Autoscaling, MetricName, PoolScaling, ScaleEvent, TimedReplicas};
-use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput};
+use crate::plugin::bindings::scaler::{QueueDepth, Recommendation, Sample, ScalingInput, Workload};
 use crate::plugin::policy::{self, Called};
 use crate::plugin::{Plugins, Resolved, Role, settings_text};
 use crate::quantity;
+use crate::workload::{Beat, Figures};
 
 /// Samples kept per pool.
 pub const SAMPLE_WINDOW: usize = 30;
@@ -86,6 +87,13 @@ pub struct PoolScaler {
     changes: VecDeque<Change>,
     /// The plugin that made the last decision, for the status.
     pub last_plugin: Option<(String, String)>,
+    /// Worker processes per replica (the pool's `concurrency`), when the pool sets it.
+    pub concurrency: Option<u32>,
+    /// The pool's recent [`Beat`]s from the lifecycle follower (empty when its workers are
+    /// not followed), set before each tick.
+    pub beats: VecDeque<Beat>,
+    /// The workload figures of the last tick, for the status and metrics.
+    pub figures: Figures,
 }
 
 /// Recommendations kept in the status, at most.
@@ -103,7 +111,7 @@ fn time(ms: u64) -> Time {
 }
 
 /// The settings the pool's scaler is called with: the pool's own and, for the built-in
-/// `queue-length`, the windows of `autoscaling.behavior` (the HPA's
+/// `queue-length` and `latency`, the windows of `autoscaling.behavior` (the HPA's
 /// `stabilizationWindowSeconds`) where the settings do not set them, so that the field
 /// means the same for the operator's scaler as for an HPA. Other scalers get their settings
 /// as they are: they may refuse keys they do not know.
@@ -112,7 +120,8 @@ fn scaler_settings(autoscaling: &Autoscaling, scaler: &str) -> String {
         .scaler
         .as_ref()
         .and_then(|s| s.settings.as_ref());
-    let (Some(behavior), true) = (&autoscaling.behavior, scaler == "queue-length") else {
+    let windowed = matches!(scaler, "queue-length" | "latency");
+    let (Some(behavior), true) = (&autoscaling.behavior, windowed) else {
         return settings_text(own);
     };
     let mut settings = own.cloned().unwrap_or_else(|| serde_json::json!({}));
@@ -143,7 +152,30 @@ pub fn target_per_replica(autoscaling: &Autoscaling) -> Option<f64> {
         .filter(|t| *t > 0.0)
 }
 
+/// The figures as the WIT carries them.
+fn workload(f: &Figures) -> Workload {
+    Workload {
+        window_seconds: f.window_seconds,
+        completion_rate: f.completion_rate,
+        arrival_rate: f.arrival_rate,
+        service_seconds: f.service_seconds,
+        busy_fraction: f.busy_fraction,
+        concurrency: f.concurrency,
+        running: f.running,
+        workers: f.workers,
+    }
+}
+
 impl PoolScaler {
+    /// The state of a new loop for a pool with `concurrency` worker processes per replica
+    /// (when it sets one).
+    pub fn new(concurrency: Option<u32>) -> Self {
+        PoolScaler {
+            concurrency,
+            ..PoolScaler::default()
+        }
+    }
+
     /// Picks up where the last loop of the pool left off, from its `status.scaling` entry:
     /// its recent recommendations and scale events. Without any (a pool seen for the first
     /// time), the current replicas count as a recommendation made now, as the HPA does when
@@ -266,12 +298,19 @@ impl PoolScaler {
                     name: q.name,
                     ready: q.ready,
                     reserved: q.reserved,
+                    oldest_wait_ms: q.oldest_wait_ms,
                 })
                 .collect(),
         });
         while self.samples.len() > SAMPLE_WINDOW {
             self.samples.pop_front();
         }
+        let waiting: Vec<(u64, u64)> = self
+            .samples
+            .iter()
+            .map(|s| (s.at_ms, s.queues.iter().map(|q| q.ready).sum()))
+            .collect();
+        self.figures = Figures::measure(&self.beats, &waiting, self.concurrency, now_ms);
         while self
             .history
             .front()
@@ -295,6 +334,7 @@ impl PoolScaler {
             samples: self.samples.iter().cloned().collect(),
             history: self.history.iter().cloned().collect(),
             settings: scaler_settings(autoscaling, &wanted.name),
+            workload: workload(&self.figures),
         };
         let run = |r: &Resolved| {
             let calls = plugins.registry.runtime().with(r.limits);
@@ -391,6 +431,7 @@ mod tests {
             ready,
             reserved,
             by_priority: vec![],
+            oldest_wait_ms: None,
         }])
     }
 
@@ -529,6 +570,12 @@ mod tests {
             conditions: vec![],
             recommendations: before.recommendations(),
             scale_events: before.scale_events(),
+            wait_seconds: None,
+            oldest_wait_seconds: None,
+            completion_rate: None,
+            arrival_rate: None,
+            service_seconds: None,
+            busy_fraction: None,
         };
         // Only the newest time of each value is kept.
         assert_eq!(

@@ -32,6 +32,7 @@ use crate::metrics::{Metrics, ScalerLabels};
 use crate::names::worker_name;
 use crate::plugin::Plugins;
 use crate::state::Loop;
+use crate::workload::Workloads;
 
 /// What the scaler loops need, and one probe per broker shared by its pools' loops.
 pub struct Scalers {
@@ -44,6 +45,8 @@ pub struct Scalers {
     poll_interval: Duration,
     /// Probes by broker URL and settings; a probe lives while a loop uses it.
     probes: Mutex<HashMap<String, Weak<Probe>>>,
+    /// What the lifecycle followers measured of the pools' workers.
+    workloads: Arc<Workloads>,
 }
 
 impl Scalers {
@@ -55,6 +58,7 @@ impl Scalers {
         plugins: Arc<Plugins>,
         caches: Caches,
         poll_interval: Duration,
+        workloads: Arc<Workloads>,
     ) -> Self {
         Scalers {
             client,
@@ -64,6 +68,7 @@ impl Scalers {
             caches,
             poll_interval,
             probes: Mutex::default(),
+            workloads,
         }
     }
 
@@ -80,6 +85,11 @@ impl Scalers {
         loops.retain(|pool, _| {
             let keep = wanted.iter().any(|p| &p.name == pool);
             if !keep {
+                self.metrics.forget_pool(
+                    &celery.namespace().unwrap_or_default(),
+                    &celery.name_any(),
+                    pool,
+                );
                 // The pool is no longer the operator's to scale: its status entry goes too.
                 let (api, name, pool) = (
                     Api::<Celery>::namespaced(
@@ -196,7 +206,8 @@ async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let celeries: Api<Celery> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut state = PoolScaler::default();
+    let mut state = PoolScaler::new(pool.concurrency.and_then(|c| u32::try_from(c).ok()));
+    let celery_name = celery.name_any();
     // Where the pool's last loop (or the last leader) left off.
     let mut resumed = false;
     let previous_entry = celery
@@ -259,6 +270,7 @@ async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
             state.resume(previous_entry.as_ref(), current, now_ms);
             resumed = true;
         }
+        state.beats = ctx.workloads.beats((&ns, &celery_name, &pool.name));
         let (returned, verdict) = tokio::task::spawn_blocking(move || {
             let verdict = state.tick(&plugins, &pool_name, &spec, sampled, current, now_ms);
             (state, verdict)
@@ -330,6 +342,9 @@ async fn pool_loop(scalers: Arc<Scalers>, celery: Celery, pool: WorkerPool) {
         );
         entry.recommendations = state.recommendations();
         entry.scale_events = state.scale_events();
+        report::add_workload(&mut entry, seen.as_deref(), &state.figures);
+        ctx.metrics
+            .record_workload(&ns, &celery_name, &pool.name, &entry);
         let age = written
             .as_ref()
             .map_or(Duration::MAX, |(_, at)| at.elapsed());

@@ -15,6 +15,7 @@ use super::Verdict;
 use crate::broker::QueueSample;
 use crate::crd::{Celery, PoolScaling};
 use crate::status::condition;
+use crate::workload::Figures;
 
 /// How often unchanged decisions are rewritten to refresh the queue figures.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -83,7 +84,44 @@ pub fn entry(
         // Filled in by the loop, which keeps them.
         recommendations: Vec::new(),
         scale_events: Vec::new(),
+        // Filled in by `add_workload`.
+        wait_seconds: None,
+        oldest_wait_seconds: None,
+        completion_rate: None,
+        arrival_rate: None,
+        service_seconds: None,
+        busy_fraction: None,
     }
+}
+
+/// Adds the pool's workload figures to its entry: what its workers get done (`figures`) and
+/// how long its tasks wait (from the queue `samples` of the tick, when the broker was read).
+pub fn add_workload(entry: &mut PoolScaling, samples: Option<&[QueueSample]>, figures: &Figures) {
+    let oldest_ms = samples.and_then(|s| s.iter().filter_map(|q| q.oldest_wait_ms).max());
+    let ready = samples.map(|s| s.iter().map(|q| q.ready).sum::<u64>());
+    entry.wait_seconds = figures.expected_wait(ready, oldest_ms).map(rounded);
+    entry.oldest_wait_seconds = oldest_ms.map(|ms| rounded(ms as f64 / 1000.0));
+    entry.completion_rate = figures.completion_rate.map(rounded);
+    entry.arrival_rate = figures.arrival_rate.map(rounded);
+    entry.service_seconds = figures.service_seconds.map(rounded);
+    entry.busy_fraction = figures.busy_fraction.map(rounded);
+}
+
+/// A figure for the status: three decimals are plenty, and fewer digits churn less.
+fn rounded(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The workload figures of an entry.
+fn figures(e: &PoolScaling) -> [Option<f64>; 6] {
+    [
+        e.wait_seconds,
+        e.oldest_wait_seconds,
+        e.completion_rate,
+        e.arrival_rate,
+        e.service_seconds,
+        e.busy_fraction,
+    ]
 }
 
 /// Whether `new` is worth a status write, `previous` having been written `age` ago.
@@ -117,6 +155,7 @@ pub fn worth_writing(previous: Option<&PoolScaling>, new: &PoolScaling, age: Dur
         || old.scale_events != new.scale_events
         || (age >= REFRESH
             && ((old.queued, old.reserved) != (new.queued, new.reserved)
+                || figures(old) != figures(new)
                 || old.recommendations != new.recommendations))
 }
 
@@ -158,12 +197,14 @@ mod tests {
                 ready: 7,
                 reserved: 2,
                 by_priority: vec![],
+                oldest_wait_ms: None,
             },
             QueueSample {
                 name: "b".into(),
                 ready: 5,
                 reserved: 1,
                 by_priority: vec![],
+                oldest_wait_ms: None,
             },
         ]
     }

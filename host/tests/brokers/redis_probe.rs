@@ -16,7 +16,9 @@ async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
     let redis = Redis::start();
     let url = redis.url();
     // Two queues, one of them with prioritised tasks spread over kombu's priority lists.
+    let before_first = std::time::Instant::now();
     python(&url, &["send.py", "emails", "5", "0", "30"]);
+    let after_first = std::time::Instant::now();
     python(&url, &["send.py", "emails", "3", "6", "30"]);
     python(&url, &["send.py", "emails", "2", "9", "30"]);
     python(&url, &["send.py", "reports", "6", "0", "30"]);
@@ -26,6 +28,19 @@ async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
     let samples = probe.sample(&queues).await.unwrap();
     assert_eq!(as_map(&samples), truth(&url, &["emails", "reports"]));
     assert_eq!(samples[0].ready, 10);
+    // The app stamps `published_at` (tests/celery_app/tasks.py): the oldest waiting task of
+    // `emails` was sent by the first send.py.
+    let waited = samples[0]
+        .oldest_wait_ms
+        .expect("the oldest task's age is known");
+    let (least, most) = (
+        after_first.elapsed().as_millis() as u64,
+        before_first.elapsed().as_millis() as u64,
+    );
+    assert!(
+        waited + 50 >= least && waited <= most + 50,
+        "oldest waited {waited} ms, between {least} and {most} ms"
+    );
     let nonzero: Vec<_> = samples[0]
         .by_priority
         .iter()

@@ -65,6 +65,7 @@ async fn the_sandbox_scales_real_workers_and_loses_no_task() {
         scenario: "e2e".into(),
         out: dir.path().join("out"),
         compare_keda: true,
+        compare_latency: Some(10.0),
         settle_limit: Duration::from_secs(180),
     })
     .await
@@ -75,11 +76,12 @@ async fn the_sandbox_scales_real_workers_and_loses_no_task() {
             + &std::fs::read_to_string(dir.path().join("out/sandbox.log")).unwrap_or_default()
     };
 
-    // Every task completed exactly once.
+    // Every task completed exactly once: 16 on the queue-length pool, the same 16 again on
+    // its latency twin.
     let a = outcome.accounting;
     assert_eq!(
         (a.sent, a.completed, a.lost, a.run_more_than_once),
-        (16, 16, 0, 0),
+        (32, 32, 0, 0),
         "{}",
         log()
     );
@@ -117,9 +119,32 @@ async fn the_sandbox_scales_real_workers_and_loses_no_task() {
     // And back to the minimum in the end.
     assert_eq!(samples.last().unwrap().desired, 1);
 
-    // The report: the accounting, the plot with the simulated KEDA + HPA beside the run.
+    // Both scalers' tasks recorded their waits; the latency scaler scaled its pool up too
+    // (once a task had finished: before, it has no service time and holds).
+    let [queue_length, latency] = &outcome.outcomes[..] else {
+        panic!("two outcomes: {:?}", outcome.outcomes)
+    };
+    assert_eq!((queue_length.tasks, latency.tasks), (16, 16), "{}", log());
+    assert_eq!(queue_length.peak, peak);
+    assert!(
+        latency.peak >= 2,
+        "the latency pool scaled up: {latency:?}; {}",
+        log()
+    );
+    let waited = |o: &sandbox::report::Outcome| o.wait_p95.unwrap();
+    // 16 tasks of 20 s on 2 processes at first: without a scale-up the last would wait 140 s.
+    assert!(waited(queue_length) < 40.0, "{queue_length:?}");
+    assert!(waited(latency) < 60.0, "{latency:?}");
+
+    // The report: the accounting, the waits and costs of both scalers, the plot with the
+    // simulated KEDA + HPA beside the run.
     let report = std::fs::read_to_string(&outcome.report).unwrap();
-    assert!(report.contains("| 16 | 16 | **0** | 0 |"), "{report}");
+    assert!(report.contains("| 32 | 32 | **0** | 0 |"), "{report}");
+    assert!(report.contains("## Task wait and cost"), "{report}");
+    assert!(
+        report.contains("| latency, target wait 10 s (pool latency) | 16 |"),
+        "{report}"
+    );
     assert!(report.contains("KEDA + HPA (simulated)"), "{report}");
     let svg = std::fs::read_to_string(dir.path().join("out/report.svg")).unwrap();
     assert!(svg.contains("workers ready") && svg.contains("simulated KEDA"));

@@ -53,7 +53,9 @@ fn crd_serves_v1alpha1_with_status_and_short_name() {
         .collect();
     assert_eq!(
         columns,
-        ["Ready", "Workers", "Flower", "Beat", "Reason", "Age"]
+        [
+            "Ready", "Workers", "Flower", "Beat", "Reason", "Wait", "Age"
+        ]
     );
 }
 

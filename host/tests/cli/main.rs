@@ -119,7 +119,7 @@ fn plugin_check_reports_world_version_size_and_digest() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("worlds:          scaler-plugin"), "{text}");
     assert!(
-        text.contains("wit package:     celery:operator@0.1.0"),
+        text.contains("wit package:     celery:operator@0.2.0"),
         "{text}"
     );
     assert!(text.contains("digest:          sha256:"), "{text}");
@@ -128,8 +128,8 @@ fn plugin_check_reports_world_version_size_and_digest() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("celery:operator/scaler@0.2.0")
-            && err.contains("serves celery:operator@0.1.0"),
+        err.contains("celery:operator/scaler@0.9.0")
+            && err.contains("serves celery:operator@0.1.0, 0.2.0"),
         "{err}"
     );
 }
@@ -348,6 +348,15 @@ fn the_python_example_builds_and_decides() {
     );
     let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(decision["replicas"], 8, "{decision}");
+    // With the figures the host measures (WIT 0.2.0): 3 tasks/s over 2 workers drain 15
+    // tasks each in 10 s, so 37 tasks need 3.
+    let out = run("examples/plugins/drain-time/input-measured.json");
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["replicas"], 3, "{decision}");
+    assert!(
+        decision["reason"].as_str().unwrap().contains("(measured)"),
+        "{decision}"
+    );
     // The business-hours settings are not this plugin's: refused, with the reason.
     let out = run("examples/plugins/inputs/scaler.json");
     assert!(!out.status.success());

@@ -75,11 +75,65 @@ fn scaling_input(pool: &str, current: u32, ready: u64, reserved: u64) -> scaler:
                 name: "reports".into(),
                 ready,
                 reserved,
+                oldest_wait_ms: None,
             }],
         }],
         history: vec![],
         settings: "{}".into(),
+        workload: scaler::Workload::default(),
     }
+}
+
+/// A component built against `celery:operator@0.1.0` before 0.2.0 existed: the built-ins
+/// of that release, byte for byte (`tests/fixtures/wit-0.1.0`).
+fn built_for_0_1(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/tests/fixtures/wit-0.1.0/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Plugins built for 0.1.0 load, say so, and answer as they did: the host serves both
+/// versions, converting the 0.2.0 input down (the workload figures are dropped).
+#[test]
+fn plugins_built_for_wit_0_1_keep_working() {
+    let rt = runtime();
+    let old = |name: &str| {
+        let p = rt
+            .load(&built_for_0_1(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(p.wit_version, "0.1.0", "{name}");
+        p
+    };
+    // A scaler: the same decision as today's queue-length, with or without figures.
+    let (then, now) = (old("queue_length"), rt.load(builtin::QUEUE_LENGTH).unwrap());
+    let mut input = scaling_input("reports", 2, 30, 7);
+    input.workload.completion_rate = Some(3.0);
+    input.samples[0].queues[0].oldest_wait_ms = Some(12_000);
+    let decided = rt.decide(&then, &input).unwrap();
+    assert_eq!(decided, rt.decide(&now, &input).unwrap());
+    assert_eq!((decided.replicas, decided.recommendation), (8, 8));
+    // An autoscaler plugin.
+    let hpa = old("hpa");
+    let autoscaling = json!({"minReplicas": 2, "maxReplicas": 9, "metrics": [
+        {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}]});
+    let input = pool_input("reports", autoscaling, "redis");
+    let out = rt.autoscaler_objects(&hpa, &input).unwrap();
+    assert_eq!(
+        out,
+        rt.autoscaler_objects(&rt.load(builtin::HPA).unwrap(), &input)
+            .unwrap()
+    );
+    assert_eq!(objects(out)[0]["kind"], "HorizontalPodAutoscaler");
+    // A shaper.
+    let noop = old("noop_shaper");
+    let input = ShapeInput {
+        celery: "{}".into(),
+        objects: vec![json!({"kind": "Service", "metadata": {"name": "a"}}).to_string()],
+        settings: "{}".into(),
+    };
+    assert_eq!(rt.shape(&noop, &input).unwrap(), input.objects);
 }
 
 fn objects(out: Vec<String>) -> Vec<Value> {
@@ -95,11 +149,12 @@ fn builtins_load_with_their_roles() {
         ("hpa", builtin::HPA, Role::Autoscaler),
         ("keda", builtin::KEDA, Role::Autoscaler),
         ("queue-length", builtin::QUEUE_LENGTH, Role::Scaler),
+        ("latency", builtin::LATENCY, Role::Scaler),
         ("noop", builtin::NOOP, Role::Shaper),
     ] {
         let p = rt.load(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(p.roles, vec![role], "{name}");
-        assert_eq!(p.wit_version, "0.1.0");
+        assert_eq!(p.wit_version, "0.2.0");
         assert!(p.digest.starts_with("sha256:") && p.digest.len() == 71);
         println!("{name}: {} bytes", p.size);
     }
@@ -361,8 +416,8 @@ fn garbage_bytes_and_other_wit_versions_are_refused_clearly() {
     let err = rt.load(&fixture("future_version")).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("celery:operator/scaler@0.2.0")
-            && msg.contains("serves celery:operator@0.1.0"),
+        msg.contains("celery:operator/scaler@0.9.0")
+            && msg.contains("serves celery:operator@0.1.0, 0.2.0"),
         "{msg}"
     );
 }
@@ -641,7 +696,7 @@ fn configmap_swap_replaces_good_builds_and_refuses_broken_ones() {
     // the good one keeps running.
     for (bytes, why) in [
         (b"garbage".to_vec(), "not a WebAssembly component"),
-        (fixture("future_version"), "celery:operator/scaler@0.2.0"),
+        (fixture("future_version"), "celery:operator/scaler@0.9.0"),
         (builtin::NOOP.to_vec(), "implements"),
     ] {
         let Loaded::Refused { error, .. } = load(&configmap("hpa", &bytes)) else {
@@ -913,7 +968,7 @@ fn exports_are_checked_when_loading() {
     let mixed = rt.load(&hostile::mixed_versions()).unwrap();
     assert_eq!(mixed.roles, [Role::Scaler]);
     assert_eq!(mixed.wit_version, "0.1.0");
-    assert_eq!(mixed.ignored, ["celery:operator/shaper@0.2.0"]);
+    assert_eq!(mixed.ignored, ["celery:operator/shaper@0.9.0"]);
     assert_eq!(
         rt.decide(&mixed, &scaling_input("x", 1, 1, 0))
             .unwrap()
@@ -1149,6 +1204,12 @@ fn operator_scaler(s: &hpa::State, behavior: bool) -> u32 {
         last_decision_time: at(0),
         last_scale_time: None,
         conditions: vec![],
+        wait_seconds: None,
+        oldest_wait_seconds: None,
+        completion_rate: None,
+        arrival_rate: None,
+        service_seconds: None,
+        busy_fraction: None,
         recommendations: s
             .history
             .iter()
@@ -1174,6 +1235,7 @@ fn operator_scaler(s: &hpa::State, behavior: bool) -> u32 {
         ready: s.ready,
         reserved: s.reserved,
         by_priority: vec![],
+        oldest_wait_ms: None,
     }]);
     PLUGINS.with(
         |plugins| match scaler.tick(plugins, "p", &spec, probe, s.current, NOW as u64) {

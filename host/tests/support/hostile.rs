@@ -1,4 +1,5 @@
-//! Hostile components written from scratch against `wit/celery-operator.wit`, not built from
+//! Hostile components written from scratch against `wit/0.1.0/celery-operator.wit` (a
+//! version the host still serves, whose ABI they spell out by hand), not built from
 //! the project's plugins: core modules in WAT, made components by `wit-component` the way
 //! language toolchains make them (or, where no valid WIT could describe them, whole
 //! components in WAT). Each is an attack the sandbox must contain.
@@ -31,10 +32,10 @@ const REALLOC: &str = r#"
     (local.get $p))"#;
 
 /// Turns a core module (WAT) exporting the canonical ABI names of `world` (a world of
-/// `wit/` or of `extra_wit`) into a component.
+/// `wit/0.1.0/` or of `extra_wit`) into a component.
 fn componentize(world: &str, extra_wit: Option<&str>, core: &str) -> Vec<u8> {
     let mut resolve = Resolve::default();
-    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit/0.1.0");
     let (ours, _) = resolve.push_dir(&wit).expect("the project's WIT parses");
     let package = match extra_wit {
         Some(text) => resolve
@@ -163,11 +164,11 @@ pub fn many_exports(count: usize) -> Vec<u8> {
     .expect("valid component WAT")
 }
 
-/// A scaler of `celery:operator@0.1.0` that also exports a `shaper` of a `0.2.0` of the
-/// package (with another signature).
+/// A scaler of `celery:operator@0.1.0` that also exports a `shaper` of a `0.9.0` of the
+/// package (a version no operator serves yet, with another signature).
 pub fn mixed_versions() -> Vec<u8> {
     let wit = r#"
-package celery:operator@0.2.0;
+package celery:operator@0.9.0;
 interface shaper { shape: func() -> u32; }
 world mixed {
   export celery:operator/scaler@0.1.0;
@@ -178,12 +179,12 @@ world mixed {
   (memory (export "memory") 1)
   {REALLOC}
   {ANSWER}
-  (func (export "celery:operator/shaper@0.2.0#shape") (result i32) (i32.const 7))
+  (func (export "celery:operator/shaper@0.9.0#shape") (result i32) (i32.const 7))
   (func (export "celery:operator/scaler@0.1.0#decide")
     (param i32 i32 i64 i32 i32 i32 f64 i32 i32 i32 i32 i32 i32) (result i32)
     (i32.const 64)))"#
     );
-    componentize("celery:operator/mixed@0.2.0", Some(wit), &core)
+    componentize("celery:operator/mixed@0.9.0", Some(wit), &core)
 }
 
 /// A component importing one function of `interface` (say `wasi:sockets/tcp@0.2.6`),

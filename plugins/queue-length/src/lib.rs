@@ -27,7 +27,7 @@ celery_operator_plugin_sdk::export_scaler!(QueueLength);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use celery_operator_plugin_sdk::scaler::{QueueDepth, Recommendation, Sample};
+    use celery_operator_plugin_sdk::scaler::{QueueDepth, Recommendation, Sample, Workload};
 
     fn input(settings: &str) -> ScalingInput {
         ScalingInput {
@@ -43,12 +43,14 @@ mod tests {
                     name: "celery".into(),
                     ready: 8,
                     reserved: 2,
+                    oldest_wait_ms: None,
                 }],
             }],
             history: vec![Recommendation {
                 at_ms: 900_000,
                 replicas: 6,
             }],
+            workload: Workload::default(),
             settings: settings.into(),
         }
     }

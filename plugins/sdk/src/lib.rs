@@ -1,7 +1,7 @@
 //! The SDK for celery-operator WebAssembly plugins.
 //!
 //! A plugin is a WebAssembly component that exports one interface of the WIT contract
-//! `celery:operator@0.1.0` (the repository's `wit/celery-operator.wit`). This crate carries
+//! `celery:operator@0.2.0` (the repository's `wit/celery-operator.wit`). This crate carries
 //! the generated bindings for the three plugin worlds, so a plugin crate needs no
 //! `wit-bindgen` of its own:
 //!
@@ -29,9 +29,14 @@
 //!
 //! Besides the bindings, [`settings`] parses a plugin's `settings` JSON into a typed struct
 //! with error messages that name the offending field, [`json`] has small helpers to read
-//! the Celery resource and the pool's `autoscaling` spec, and [`queue_length`] is the
-//! HPA-style queue-length maths of the `queue-length` plugin, for scalers that build on
-//! them. [`serde_json`] is re-exported so that a plugin's JSON matches the SDK's.
+//! the Celery resource and the pool's `autoscaling` spec, [`queue_length`] is the
+//! HPA-style queue-length maths of the `queue-length` plugin and [`latency`] the
+//! Little's-law maths of the `latency` plugin, for scalers that build on them.
+//! [`serde_json`] is re-exported so that a plugin's JSON matches the SDK's.
+//!
+//! The scaler's records derive [`Default`] (zeroes, empty strings and lists, every optional
+//! figure absent), so a test or a plugin can write `..Default::default()` for the fields it
+//! does not care about; [`scaler::Workload::unknown`] is a workload with no figure known.
 //!
 //! Plugins are pure functions: the host grants no filesystem, network, environment or
 //! clock (time is passed in as `now-ms`), so never call `std::time::SystemTime::now()`,
@@ -44,6 +49,7 @@
 extern crate self as celery_operator_plugin_sdk;
 
 pub mod json;
+pub mod latency;
 pub mod queue_length;
 pub mod settings;
 
@@ -51,7 +57,7 @@ pub use serde_json;
 pub use settings::parse_settings;
 
 /// Exports a type implementing [`shaper::Guest`] as the component's
-/// `celery:operator/shaper@0.1.0` interface.
+/// `celery:operator/shaper@0.2.0` interface.
 ///
 /// Write `celery_operator_plugin_sdk::export_shaper!(MyPlugin);` once, at the plugin
 /// crate's root. The export glue is only compiled for `wasm32` targets: a native build (for
@@ -66,7 +72,7 @@ macro_rules! export_shaper {
 }
 
 /// Exports a type implementing [`autoscaler::Guest`] as the component's
-/// `celery:operator/autoscaler@0.1.0` interface.
+/// `celery:operator/autoscaler@0.2.0` interface.
 ///
 /// Write `celery_operator_plugin_sdk::export_autoscaler!(MyPlugin);` once, at the plugin
 /// crate's root. Like [`export_shaper!`], the glue is only compiled for `wasm32` targets;
@@ -80,7 +86,7 @@ macro_rules! export_autoscaler {
 }
 
 /// Exports a type implementing [`scaler::Guest`] as the component's
-/// `celery:operator/scaler@0.1.0` interface.
+/// `celery:operator/scaler@0.2.0` interface.
 ///
 /// Write `celery_operator_plugin_sdk::export_scaler!(MyPlugin);` once, at the plugin
 /// crate's root. Like [`export_shaper!`], the glue is only compiled for `wasm32` targets;
@@ -147,8 +153,18 @@ pub mod scaler {
         export_macro_name: "export",
         default_bindings_module: "celery_operator_plugin_sdk::scaler",
         runtime_path: "celery_operator_plugin_sdk::__private::wit_bindgen::rt",
-        additional_derives: [PartialEq, Clone],
+        // `Default` too (the scaler's records have no variant or enum field): all-absent
+        // `Workload`s and `..Default::default()` in tests.
+        additional_derives: [PartialEq, Clone, Default],
     });
 
     pub use self::exports::celery::operator::scaler::*;
+
+    impl Workload {
+        /// A workload of which no figure is known (what the host passes before any worker's
+        /// heartbeat); the same as `Workload::default()`.
+        pub fn unknown() -> Self {
+            Workload::default()
+        }
+    }
 }

@@ -187,7 +187,7 @@ celery_operator_plugin_sdk::export_scaler!(BusinessHoursScaler);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use celery_operator_plugin_sdk::scaler::{QueueDepth, Sample};
+    use celery_operator_plugin_sdk::scaler::{QueueDepth, Sample, Workload};
 
     /// Monday 2024-01-15 00:00:00 UTC.
     const MONDAY: u64 = 1_705_276_800_000;
@@ -208,9 +208,11 @@ mod tests {
                     name: "celery".into(),
                     ready,
                     reserved: 0,
+                    oldest_wait_ms: None,
                 }],
             }],
             history: vec![],
+            workload: Workload::default(),
             settings: settings.into(),
         }
     }

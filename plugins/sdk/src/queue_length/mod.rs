@@ -5,7 +5,7 @@
 //!
 //! They live in the SDK rather than in the `queue-length` plugin crate because a plugin
 //! crate cannot be a dependency of another plugin: both would export
-//! `celery:operator/scaler@0.1.0#decide` and the component fails to link.
+//! `celery:operator/scaler@0.2.0#decide` and the component fails to link.
 //!
 //! The backlog is the latest sample's sum, over the pool's queues, of `ready` (waiting)
 //! plus `reserved` (delivered to a worker, not yet acknowledged) tasks. Then exactly as the
@@ -32,14 +32,15 @@
 //! `Decision::recommendation` is the raw recommendation of steps 1–2, before any clamp (the
 //! host keeps it in `history`, as the HPA keeps its recommendations); `Decision::replicas` the
 //! stabilized and clamped one. Rate limits (the HPA's scale-up and scale-down policies) are the
-//! host's: see the pool's `autoscaling.behavior`.
+//! host's: see the pool's `autoscaling.behavior`. Steps 3–4 are [`settle`], which other
+//! scalers (the [`latency`](crate::latency) maths) apply to their own raw recommendations.
 //!
 //! Settings (all optional): `{"tolerance": 0.1, "scaleDownStabilizationSeconds": 300,
 //! "scaleUpStabilizationSeconds": 0}`.
 //!
 //! ```
 //! use celery_operator_plugin_sdk::queue_length::{decide, Settings};
-//! use celery_operator_plugin_sdk::scaler::{QueueDepth, Sample, ScalingInput};
+//! use celery_operator_plugin_sdk::scaler::{QueueDepth, Sample, ScalingInput, Workload};
 //!
 //! let input = ScalingInput {
 //!     pool: "default".into(),
@@ -50,9 +51,15 @@
 //!     target_per_replica: 5.0,
 //!     samples: vec![Sample {
 //!         at_ms: 1_699_999_999_000,
-//!         queues: vec![QueueDepth { name: "celery".into(), ready: 30, reserved: 7 }],
+//!         queues: vec![QueueDepth {
+//!             name: "celery".into(),
+//!             ready: 30,
+//!             reserved: 7,
+//!             oldest_wait_ms: None,
+//!         }],
 //!     }],
 //!     history: vec![],
+//!     workload: Workload::unknown(),
 //!     settings: "{}".into(),
 //! };
 //! let d = decide(&input, &Settings::default()).unwrap();
@@ -117,24 +124,34 @@ impl Backlog {
     /// The backlog of the latest of `samples` (the one with the highest `at-ms`; the last
     /// such one on a tie). Errors when there is none.
     pub fn latest(samples: &[Sample]) -> Result<Self, String> {
-        // `max_by_key` returns the last of equal maxima.
-        let latest = samples
-            .iter()
-            .max_by_key(|s| s.at_ms)
-            .ok_or("no queue samples: the host must pass at least one")?;
-        Ok(latest
+        Ok(Backlog::of(latest_sample(samples)?))
+    }
+
+    /// The backlog of one sample: its queues' tasks, summed.
+    pub fn of(sample: &Sample) -> Self {
+        sample
             .queues
             .iter()
             .fold(Backlog::default(), |acc, q| Backlog {
                 ready: acc.ready.saturating_add(q.ready),
                 reserved: acc.reserved.saturating_add(q.reserved),
-            }))
+            })
     }
 
     /// Ready plus reserved tasks.
     pub fn total(&self) -> u64 {
         self.ready.saturating_add(self.reserved)
     }
+}
+
+/// The latest of `samples`: the one with the highest `at-ms`, the last such one on a tie.
+/// Errors when there is none.
+pub fn latest_sample(samples: &[Sample]) -> Result<&Sample, String> {
+    // `max_by_key` returns the last of equal maxima.
+    samples
+        .iter()
+        .max_by_key(|s| s.at_ms)
+        .ok_or_else(|| "no queue samples: the host must pass at least one".to_string())
 }
 
 /// A target per replica in milli-units, as Kubernetes reads a quantity (`MilliValue`:
@@ -165,7 +182,7 @@ fn replicas_for(total: u64, target_milli: u64) -> u32 {
 }
 
 /// Formats a number for a person: `5`, `2.5`, `4.83`.
-fn num(x: f64) -> String {
+pub(crate) fn num(x: f64) -> String {
     let rounded = (x * 100.0).round() / 100.0;
     format!("{rounded}")
 }
@@ -239,21 +256,32 @@ fn in_window(history: &[Recommendation], now_ms: u64, seconds: u64) -> impl Iter
 }
 
 /// Applies the stabilization windows to the raw recommendation `raw`, as the HPA does:
-/// returns the replicas to run and, when a window changed the outcome, why.
+/// returns the replicas to run and, when a window changed the outcome, why. The windows are
+/// the settings' (see [`stabilize_within`]).
 pub fn stabilize(input: &ScalingInput, raw: u32, settings: &Settings) -> (u32, Option<String>) {
-    let current = input.current_replicas;
-    let up = in_window(
-        &input.history,
-        input.now_ms,
+    stabilize_within(
+        input,
+        raw,
+        settings.scale_down_stabilization_seconds,
         settings.scale_up_stabilization_seconds,
     )
-    .fold(raw, u32::min);
-    let down = in_window(
-        &input.history,
-        input.now_ms,
-        settings.scale_down_stabilization_seconds,
-    )
-    .fold(raw, u32::max);
+}
+
+/// Applies stabilization windows of `scale_down_seconds` and `scale_up_seconds` to the raw
+/// recommendation `raw`, from `input.history`, as the HPA does: a scale-down goes no lower
+/// than the highest recommendation of the last `scale_down_seconds` (and `raw`), a scale-up
+/// no higher than the lowest of the last `scale_up_seconds` (and `raw`); neither window
+/// moves the replicas away from `raw`'s side of `current-replicas`. A window of 0 is off.
+/// Returns the replicas to run and, when a window changed the outcome, why.
+pub fn stabilize_within(
+    input: &ScalingInput,
+    raw: u32,
+    scale_down_seconds: u64,
+    scale_up_seconds: u64,
+) -> (u32, Option<String>) {
+    let current = input.current_replicas;
+    let up = in_window(&input.history, input.now_ms, scale_up_seconds).fold(raw, u32::min);
+    let down = in_window(&input.history, input.now_ms, scale_down_seconds).fold(raw, u32::max);
     let replicas = if current < up {
         up
     } else if current > down {
@@ -265,24 +293,29 @@ pub fn stabilize(input: &ScalingInput, raw: u32, settings: &Settings) -> (u32, O
         None
     } else if raw < current {
         Some(format!(
-            "scale-down to {raw} held by the {}s stabilization window: {replicas}",
-            settings.scale_down_stabilization_seconds
+            "scale-down to {raw} held by the {scale_down_seconds}s stabilization window: {replicas}"
         ))
     } else {
         Some(format!(
-            "scale-up to {raw} held by the {}s stabilization window: {replicas}",
-            settings.scale_up_stabilization_seconds
+            "scale-up to {raw} held by the {scale_up_seconds}s stabilization window: {replicas}"
         ))
     };
     (replicas, note)
 }
 
-/// The whole decision: [`recommend`], then [`stabilize`], clamped to
-/// `[min-replicas, max-replicas]`. Waking a pool from zero is never held back: a non-zero
-/// backlog always gets at least 1 replica.
-pub fn decide(input: &ScalingInput, settings: &Settings) -> Result<Decision, String> {
-    let (recommendation, mut reason) = recommend(input, settings)?;
-    let (stabilized, note) = stabilize(input, recommendation, settings);
+/// From a raw recommendation to the decision: [`stabilize_within`] the windows, then clamp
+/// to `[min-replicas, max-replicas]`, appending to `reason` what each step changed. Waking
+/// a pool from zero is never held back: a non-zero `recommendation` always gets at least 1
+/// replica (if `max-replicas` allows). `Decision::recommendation` is `recommendation`.
+pub fn settle(
+    input: &ScalingInput,
+    recommendation: u32,
+    mut reason: String,
+    scale_down_seconds: u64,
+    scale_up_seconds: u64,
+) -> Decision {
+    let (stabilized, note) =
+        stabilize_within(input, recommendation, scale_down_seconds, scale_up_seconds);
     if let Some(note) = note {
         reason = format!("{reason}; {note}");
     }
@@ -296,11 +329,25 @@ pub fn decide(input: &ScalingInput, settings: &Settings) -> Result<Decision, Str
         replicas = 1.min(input.max_replicas);
         reason.push_str(&format!("; waking from zero: {replicas}"));
     }
-    Ok(Decision {
+    Decision {
         replicas,
         recommendation,
         reason,
-    })
+    }
+}
+
+/// The whole decision: [`recommend`], then [`stabilize`], clamped to
+/// `[min-replicas, max-replicas]` (that is, [`settle`] with the settings' windows). Waking
+/// a pool from zero is never held back: a non-zero backlog always gets at least 1 replica.
+pub fn decide(input: &ScalingInput, settings: &Settings) -> Result<Decision, String> {
+    let (recommendation, reason) = recommend(input, settings)?;
+    Ok(settle(
+        input,
+        recommendation,
+        reason,
+        settings.scale_down_stabilization_seconds,
+        settings.scale_up_stabilization_seconds,
+    ))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Unit tests of the queue-length maths, one rule at a time.
 
 use super::*;
-use crate::scaler::QueueDepth;
+use crate::scaler::{QueueDepth, Workload};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -21,9 +21,11 @@ fn input(current: u32, min: u32, max: u32, ready: u64, reserved: u64) -> Scaling
                 name: "celery".into(),
                 ready,
                 reserved,
+                oldest_wait_ms: None,
             }],
         }],
         history: vec![],
+        workload: Workload::default(),
         settings: "{}".into(),
     }
 }
@@ -69,6 +71,7 @@ fn sums_all_queues_of_the_latest_sample_only() {
                 name: "a".into(),
                 ready: 1000,
                 reserved: 0,
+                oldest_wait_ms: None,
             }],
         },
         Sample {
@@ -78,11 +81,13 @@ fn sums_all_queues_of_the_latest_sample_only() {
                     name: "a".into(),
                     ready: 10,
                     reserved: 1,
+                    oldest_wait_ms: None,
                 },
                 QueueDepth {
                     name: "b".into(),
                     ready: 4,
                     reserved: 5,
+                    oldest_wait_ms: None,
                 },
             ],
         },
@@ -104,6 +109,7 @@ fn latest_sample_is_the_newest_then_the_last() {
             name: "celery".into(),
             ready,
             reserved: 0,
+            oldest_wait_ms: None,
         }],
     };
     // Out of order: the newest wins.

@@ -1,7 +1,7 @@
 //! `future-version`: a test fixture. A scaler plugin built against a copy of the WIT
-//! whose package is `celery:operator@0.2.0` (in this crate's `wit/` folder), so that it
-//! exports `celery:operator/scaler@0.2.0#decide`. The host only knows `@0.1.0` and must
-//! refuse to load it, with a message naming the version.
+//! whose package is `celery:operator@0.9.0` (in this crate's `wit/` folder), so that it
+//! exports `celery:operator/scaler@0.9.0#decide`. The host serves `@0.1.0` and `@0.2.0`
+//! only and must refuse to load it, with a message naming the version.
 //!
 //! It behaves like a sane scaler (keeps the current replicas), so that a host that
 //! wrongly accepted it would be caught by what it does, not by a crash.

@@ -1,5 +1,5 @@
 //! `hostile`: a test fixture for the host's sandbox. ONE component that exports all three
-//! interfaces of `celery:operator@0.1.0` and misbehaves on demand, so the host's tests can
+//! interfaces of `celery:operator@0.2.0` and misbehaves on demand, so the host's tests can
 //! check that each kind of misbehaviour is contained (time limit, memory limit, traps,
 //! output-size limit, output validation) and reported.
 //!
@@ -34,9 +34,9 @@ wit_bindgen::generate!({
         package test:hostile;
 
         world hostile {
-            export celery:operator/shaper@0.1.0;
-            export celery:operator/autoscaler@0.1.0;
-            export celery:operator/scaler@0.1.0;
+            export celery:operator/shaper@0.2.0;
+            export celery:operator/autoscaler@0.2.0;
+            export celery:operator/scaler@0.2.0;
         }
     ",
     path: "../../../wit",
@@ -361,6 +361,16 @@ mod tests {
             target_per_replica: 5.0,
             samples: vec![],
             history: vec![],
+            workload: scaler::Workload {
+                window_seconds: None,
+                completion_rate: None,
+                arrival_rate: None,
+                service_seconds: None,
+                busy_fraction: None,
+                concurrency: None,
+                running: None,
+                workers: None,
+            },
             settings: "{}".into(),
         }
     }
