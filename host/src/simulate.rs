@@ -242,18 +242,8 @@ pub struct Served {
 impl Served {
     /// Wait percentiles and cost, as the sandbox reports them.
     pub fn outcome(&self) -> Outcome {
-        let mut sorted = self.waits.clone();
-        sorted.sort_by(f64::total_cmp);
-        use crate::sandbox::report::quantile;
-        Outcome {
-            scaler: self.run.name.clone(),
-            tasks: sorted.len(),
-            wait_p50: quantile(&sorted, 0.5),
-            wait_p95: quantile(&sorted, 0.95),
-            wait_max: sorted.last().copied(),
-            replica_seconds: self.run.replica_seconds(),
-            peak: self.run.peak(),
-        }
+        let run = &self.run;
+        Outcome::from_waits(&run.name, &self.waits, run.replica_seconds(), run.peak())
     }
 }
 

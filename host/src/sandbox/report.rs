@@ -130,6 +130,12 @@ pub struct Outcome {
 impl Outcome {
     /// The outcome of a pool's `samples` and its tasks' `waits` (seconds, any order).
     pub fn of(scaler: &str, samples: &[Sample], waits: &[f64]) -> Outcome {
+        let peak = samples.iter().map(|s| s.desired).max().unwrap_or(0);
+        Outcome::from_waits(scaler, waits, replica_seconds(samples), peak)
+    }
+
+    /// The outcome of tasks' `waits` (seconds, any order) and what the workers cost.
+    pub fn from_waits(scaler: &str, waits: &[f64], replica_seconds: f64, peak: u32) -> Outcome {
         let mut sorted: Vec<f64> = waits.iter().copied().filter(|w| w.is_finite()).collect();
         sorted.sort_by(f64::total_cmp);
         Outcome {
@@ -138,8 +144,8 @@ impl Outcome {
             wait_p50: quantile(&sorted, 0.5),
             wait_p95: quantile(&sorted, 0.95),
             wait_max: sorted.last().copied(),
-            replica_seconds: replica_seconds(samples),
-            peak: samples.iter().map(|s| s.desired).max().unwrap_or(0),
+            replica_seconds,
+            peak,
         }
     }
 }

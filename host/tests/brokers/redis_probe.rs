@@ -25,6 +25,7 @@ async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
 
     let queues = vec!["emails".to_string(), "reports".to_string()];
     let probe = RedisProbe::connect(&url, Layout::default()).await.unwrap();
+    let sampled_at = std::time::Instant::now();
     let samples = probe.sample(&queues).await.unwrap();
     assert_eq!(as_map(&samples), truth(&url, &["emails", "reports"]));
     assert_eq!(samples[0].ready, 10);
@@ -34,8 +35,8 @@ async fn probe_counts_every_priority_list_and_reserved_tasks_like_kombu() {
         .oldest_wait_ms
         .expect("the oldest task's age is known");
     let (least, most) = (
-        after_first.elapsed().as_millis() as u64,
-        before_first.elapsed().as_millis() as u64,
+        sampled_at.duration_since(after_first).as_millis() as u64,
+        (sampled_at.elapsed() + sampled_at.duration_since(before_first)).as_millis() as u64,
     );
     assert!(
         waited + 50 >= least && waited <= most + 50,

@@ -201,6 +201,23 @@ async fn until_replicas(cluster: &Cluster, op: &Operator, what: &str, replicas: 
     .await;
 }
 
+/// The resources of the test's namespace as the API server prints them for `kubectl get
+/// cel -o wide` (server-side printing: a `Table`).
+async fn wide_table(cluster: &Cluster) -> Value {
+    let request = http::Request::get(format!(
+        "/apis/celeryproject.org/v1alpha1/namespaces/{}/celeries",
+        cluster.ns
+    ))
+    .header(
+        "Accept",
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .body(Vec::new())
+    .unwrap();
+    let text = cluster.client.request_text(request).await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 async fn redis_cmd(url: &str, args: &[&str]) {
     let mut conn = redis::Client::open(url)
         .unwrap()
@@ -224,7 +241,12 @@ async fn redis_cmd(url: &str, args: &[&str]) {
 async fn queue_length_backlog(cluster: &Cluster) {
     let (redis, op) = queue_pool(cluster, Some(5)).await;
 
-    let backlog: Vec<String> = (0..40).map(|i| format!("task-{i}")).collect();
+    // The oldest task (kombu pops from the right) is stamped as the app's
+    // `before_task_publish` hook stamps it: sent a minute ago.
+    let mut backlog: Vec<String> = (0..40).map(|i| format!("task-{i}")).collect();
+    let minute_ago = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0 - 60.0;
+    backlog[39] =
+        serde_json::json!({"body": "", "headers": {"published_at": minute_ago}}).to_string();
     let push = |n: usize| {
         let mut args = vec!["RPUSH", "jobs"];
         args.extend(backlog[..n].iter().map(String::as_str));
@@ -248,6 +270,29 @@ async fn queue_length_backlog(cluster: &Cluster) {
     );
     assert_eq!(entry["conditions"][0]["type"], "ScalingActive");
     assert_eq!(entry["conditions"][0]["status"], "True");
+    // No worker runs here, so no rate is known; the oldest task's age is, and is the wait.
+    let waited = entry["oldestWaitSeconds"]
+        .as_f64()
+        .expect("oldest wait known");
+    assert!((60.0..120.0).contains(&waited), "{entry}");
+    assert_eq!(entry["waitSeconds"], entry["oldestWaitSeconds"]);
+    assert!(
+        entry.get("completionRate").is_none(),
+        "unknown, not zero: {entry}"
+    );
+    // `kubectl get cel -o wide` (the real API server's Table; ours does not print tables):
+    // the Wait column shows it.
+    if cluster.is_real() {
+        let table = wide_table(cluster).await;
+        let column = table["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|c| c["name"] == "Wait")
+            .expect("a Wait column");
+        let cell = table["rows"][0]["cells"][column].as_f64();
+        assert!(cell.is_some_and(|w| w >= 60.0), "{table}");
+    }
     // The reconciler's status is still there beside the scaler's entry (two field managers).
     let celery = cluster.celeries().get("shop").await.unwrap();
     assert_eq!(celery.data["status"]["observedGeneration"], 1);
