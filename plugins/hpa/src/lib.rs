@@ -6,28 +6,91 @@
 //! HPA cannot scale to zero).
 //!
 //! The pool's `autoscaling.behavior` becomes the HPA's `spec.behavior` (scale-up/scale-down
-//! policies and stabilization windows). Settings (optional): `{"behavior": {...}}`, copied as
-//! it is instead, for behavior the resource does not give.
+//! policies and stabilization windows). Settings (optional): `{"behavior": {...}}`, in the
+//! same shape (`scaleUp`/`scaleDown`: `stabilizationWindowSeconds`, `selectPolicy`,
+//! `policies`), used instead of the resource's.
 //!
 //! The HPA is named after the pool's Deployment; the host sets its namespace, owner
 //! reference and labels.
 
 use celery_operator_plugin_sdk::autoscaler::{Guest, PoolInput};
-use celery_operator_plugin_sdk::json::{Autoscaling, Metric, TASK_QUEUE_LENGTH};
-use celery_operator_plugin_sdk::parse_settings;
-use celery_operator_plugin_sdk::serde_json::{Map, Value, json};
-use serde::Deserialize;
+use celery_operator_plugin_sdk::json::{Autoscaling, Behavior, Metric, TASK_QUEUE_LENGTH};
+use celery_operator_plugin_sdk::{parse_settings, serde_json};
+use serde::{Deserialize, Serialize};
 
 /// The plugin's settings.
 #[derive(Deserialize, Debug, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// The HPA's `spec.behavior`, as it is.
-    pub behavior: Option<Map<String, Value>>,
+    /// The HPA's `spec.behavior`, instead of the pool's `autoscaling.behavior`.
+    pub behavior: Option<Behavior>,
+}
+
+// The HorizontalPodAutoscaler, as typed structs: serializing them needs far less code in the
+// component than building a `serde_json::Value` (which keeps the plugin quick to compile).
+
+/// An `autoscaling/v2` HorizontalPodAutoscaler, as far as this plugin fills it in.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct HorizontalPodAutoscaler<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: Metadata<'a>,
+    spec: HpaSpec<'a>,
+}
+
+/// An object's metadata: only its name (the host sets the rest).
+#[derive(Serialize, Debug)]
+struct Metadata<'a> {
+    name: &'a str,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct HpaSpec<'a> {
+    scale_target_ref: ScaleTargetRef<'a>,
+    min_replicas: u32,
+    max_replicas: u32,
+    metrics: Vec<ResourceMetric<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    behavior: Option<Behavior>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ScaleTargetRef<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    name: &'a str,
+}
+
+/// A `metrics[]` entry of type `Resource`.
+#[derive(Serialize, Debug)]
+struct ResourceMetric<'a> {
+    #[serde(rename = "type")]
+    type_: &'static str,
+    resource: Resource<'a>,
+}
+
+#[derive(Serialize, Debug)]
+struct Resource<'a> {
+    name: &'a str,
+    target: Target<'a>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Target<'a> {
+    #[serde(rename = "type")]
+    type_: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    average_utilization: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    average_value: Option<&'a str>,
 }
 
 /// One HPA `metrics[]` entry for a `cpu` or `memory` metric.
-fn resource_metric(index: usize, m: &Metric) -> Result<Value, String> {
+fn resource_metric(index: usize, m: &Metric) -> Result<ResourceMetric<'_>, String> {
     let at = format!("autoscaling.metrics[{index}]");
     match m.name.as_str() {
         "cpu" | "memory" => {}
@@ -44,33 +107,37 @@ fn resource_metric(index: usize, m: &Metric) -> Result<Value, String> {
         }
     }
     let target = match m.target.type_.as_str() {
-        "Utilization" => {
-            let pct = m.target.average_utilization.ok_or_else(|| {
+        "Utilization" => Target {
+            type_: "Utilization",
+            average_utilization: Some(m.target.average_utilization.ok_or_else(|| {
                 format!("{at}.target: a Utilization target needs averageUtilization")
-            })?;
-            json!({"type": "Utilization", "averageUtilization": pct})
-        }
-        "AverageValue" => {
-            let value =
-                m.target.average_value.as_ref().ok_or_else(|| {
-                    format!("{at}.target: an AverageValue target needs averageValue")
-                })?;
-            json!({"type": "AverageValue", "averageValue": value})
-        }
+            })?),
+            average_value: None,
+        },
+        "AverageValue" => Target {
+            type_: "AverageValue",
+            average_utilization: None,
+            average_value: Some(m.target.average_value.as_deref().ok_or_else(|| {
+                format!("{at}.target: an AverageValue target needs averageValue")
+            })?),
+        },
         other => {
             return Err(format!(
                 "{at}.target.type: unknown target type {other:?}; expected Utilization or AverageValue"
             ));
         }
     };
-    Ok(json!({
-        "type": "Resource",
-        "resource": {"name": m.name, "target": target},
-    }))
+    Ok(ResourceMetric {
+        type_: "Resource",
+        resource: Resource {
+            name: &m.name,
+            target,
+        },
+    })
 }
 
-/// Builds the HorizontalPodAutoscaler for a pool.
-pub fn horizontal_pod_autoscaler(input: &PoolInput) -> Result<Value, String> {
+/// Builds the HorizontalPodAutoscaler for a pool, as JSON.
+pub fn horizontal_pod_autoscaler(input: &PoolInput) -> Result<String, String> {
     let settings: Settings = parse_settings(&input.settings)?;
     let a = Autoscaling::parse(&input.autoscaling)?;
     if a.min_replicas == 0 {
@@ -90,24 +157,25 @@ pub fn horizontal_pod_autoscaler(input: &PoolInput) -> Result<Value, String> {
         .enumerate()
         .map(|(i, m)| resource_metric(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-
-    let mut spec = json!({
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": input.deployment},
-        "minReplicas": a.min_replicas,
-        "maxReplicas": a.max_replicas,
-        "metrics": metrics,
-    });
-    if let Some(behavior) = settings.behavior {
-        spec["behavior"] = Value::Object(behavior);
-    } else if let Some(behavior) = a.behavior {
-        spec["behavior"] = behavior;
-    }
-    Ok(json!({
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": input.deployment},
-        "spec": spec,
-    }))
+    let hpa = HorizontalPodAutoscaler {
+        api_version: "autoscaling/v2",
+        kind: "HorizontalPodAutoscaler",
+        metadata: Metadata {
+            name: &input.deployment,
+        },
+        spec: HpaSpec {
+            scale_target_ref: ScaleTargetRef {
+                api_version: "apps/v1",
+                kind: "Deployment",
+                name: &input.deployment,
+            },
+            min_replicas: a.min_replicas,
+            max_replicas: a.max_replicas,
+            metrics,
+            behavior: settings.behavior.or(a.behavior),
+        },
+    };
+    serde_json::to_string(&hpa).map_err(|e| format!("serializing the HPA: {e}"))
 }
 
 /// The plugin.
@@ -115,7 +183,7 @@ pub struct Hpa;
 
 impl Guest for Hpa {
     fn objects(input: PoolInput) -> Result<Vec<String>, String> {
-        Ok(vec![horizontal_pod_autoscaler(&input)?.to_string()])
+        Ok(vec![horizontal_pod_autoscaler(&input)?])
     }
 }
 
@@ -124,7 +192,7 @@ celery_operator_plugin_sdk::export_autoscaler!(Hpa);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use celery_operator_plugin_sdk::serde_json;
+    use celery_operator_plugin_sdk::serde_json::{Value, json};
 
     fn input(autoscaling: &str, settings: &str) -> PoolInput {
         PoolInput {

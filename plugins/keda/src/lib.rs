@@ -49,12 +49,13 @@
 //! [KEDA]: https://keda.sh
 
 use celery_operator_plugin_sdk::autoscaler::{Guest, PoolInput};
+use std::collections::BTreeMap;
+
 use celery_operator_plugin_sdk::json::{
-    Autoscaling, Broker, Metric, TASK_QUEUE_LENGTH, string_or_number,
+    Autoscaling, Behavior, Broker, Metric, TASK_QUEUE_LENGTH, string_or_number,
 };
-use celery_operator_plugin_sdk::parse_settings;
-use celery_operator_plugin_sdk::serde_json::{Value, json};
-use serde::Deserialize;
+use celery_operator_plugin_sdk::{parse_settings, serde_json};
+use serde::{Deserialize, Serialize};
 
 /// The plugin's settings.
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -119,6 +120,98 @@ impl Default for Settings {
     }
 }
 
+// The objects, as typed structs: serializing them needs far less code in the component than
+// building `serde_json::Value`s (which keeps the plugin quick to compile).
+
+/// A Kubernetes object as this plugin fills it in: the host sets namespace, labels and owner.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Object<'a, Spec> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: Name<'a>,
+    spec: Spec,
+}
+
+/// `{"name": ...}`: an object's metadata, a scale target, an authentication reference.
+#[derive(Serialize, Debug, Clone, Copy)]
+struct Name<'a> {
+    name: &'a str,
+}
+
+/// A ScaledObject's spec.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaledObjectSpec<'a> {
+    scale_target_ref: Name<'a>,
+    min_replica_count: u32,
+    max_replica_count: u32,
+    polling_interval: u32,
+    cooldown_period: u32,
+    triggers: Vec<Trigger<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advanced: Option<Advanced<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback: Option<Fallback>,
+}
+
+/// One KEDA trigger; its `metadata` is a map of strings, as KEDA reads it.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Trigger<'a> {
+    #[serde(rename = "type")]
+    type_: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    metric_type: &'static str,
+    metadata: BTreeMap<&'static str, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authentication_ref: Option<Name<'a>>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Advanced<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scaling_modifiers: Option<ScalingModifiers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    horizontal_pod_autoscaler_config: Option<HpaConfig<'a>>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ScalingModifiers {
+    formula: String,
+    target: String,
+    metric_type: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+struct HpaConfig<'a> {
+    behavior: &'a Behavior,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Fallback {
+    failure_threshold: u32,
+    replicas: u32,
+}
+
+/// A TriggerAuthentication's spec.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerAuthenticationSpec<'a> {
+    secret_target_ref: Vec<SecretTargetRef<'a>>,
+}
+
+#[derive(Serialize, Debug)]
+struct SecretTargetRef<'a> {
+    parameter: &'static str,
+    name: &'a str,
+    key: &'a str,
+}
+
 /// The broker kinds KEDA triggers are built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BrokerType {
@@ -127,7 +220,7 @@ enum BrokerType {
 }
 
 /// A `cpu` or `memory` trigger.
-fn resource_trigger(at: &str, m: &Metric) -> Result<Value, String> {
+fn resource_trigger<'a>(at: &str, m: &'a Metric) -> Result<Trigger<'a>, String> {
     let (metric_type, value) = match m.target.type_.as_str() {
         "Utilization" => (
             "Utilization",
@@ -151,7 +244,13 @@ fn resource_trigger(at: &str, m: &Metric) -> Result<Value, String> {
             ));
         }
     };
-    Ok(json!({"type": m.name, "metricType": metric_type, "metadata": {"value": value}}))
+    Ok(Trigger {
+        type_: &m.name,
+        name: None,
+        metric_type,
+        metadata: BTreeMap::from([("value", value)]),
+        authentication_ref: None,
+    })
 }
 
 /// The `taskQueueLength` target (tasks per replica), checked.
@@ -203,15 +302,17 @@ fn broker_of(celery: &str) -> Result<(Broker, BrokerType), String> {
     Ok((broker, kind))
 }
 
-/// Builds the ScaledObject and, when a queue trigger needs one, the TriggerAuthentication.
-pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
+/// Builds the ScaledObject and, when a queue trigger needs one, the TriggerAuthentication,
+/// as JSON.
+pub fn keda_objects(input: &PoolInput) -> Result<Vec<String>, String> {
     let settings: Settings = parse_settings(&input.settings)?;
     let a = Autoscaling::parse(&input.autoscaling)?;
     if a.metrics.is_empty() {
         return Err("autoscaling.metrics: at least one metric is needed".into());
     }
-    let name = &input.deployment;
-    let auth_ref = json!({"name": name});
+    let name = Name {
+        name: &input.deployment,
+    };
 
     // The broker matters only for queue-length triggers.
     let broker = if a.metrics.iter().any(|m| m.name == TASK_QUEUE_LENGTH) {
@@ -222,7 +323,7 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
 
     let mut triggers = Vec::new();
     // Queue triggers, summed by a scaling modifier when there are several.
-    let mut queue_triggers: Vec<Value> = Vec::new();
+    let mut queue_triggers: Vec<Trigger> = Vec::new();
     let mut queue_target_value = None;
     for (i, m) in a.metrics.iter().enumerate() {
         let at = format!("autoscaling.metrics[{i}]");
@@ -236,41 +337,41 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
                         input.pool
                     ));
                 }
+                let trigger = |type_, metadata| Trigger {
+                    type_,
+                    name: None,
+                    metric_type: "AverageValue",
+                    metadata,
+                    authentication_ref: Some(name),
+                };
                 for queue in &input.queues {
                     match kind {
                         BrokerType::Redis => {
                             for list in broker.redis.lists(queue) {
-                                queue_triggers.push(json!({
-                                    "type": "redis",
-                                    "metricType": "AverageValue",
-                                    "metadata": {
-                                        "listName": list,
-                                        "listLength": value,
-                                        "databaseIndex": settings.database_index,
-                                    },
-                                    "authenticationRef": auth_ref,
-                                }));
+                                queue_triggers.push(trigger(
+                                    "redis",
+                                    BTreeMap::from([
+                                        ("listName", list),
+                                        ("listLength", value.clone()),
+                                        ("databaseIndex", settings.database_index.clone()),
+                                    ]),
+                                ));
                             }
                         }
                         BrokerType::Rabbitmq => {
-                            let mut metadata = json!({
-                                "protocol": "http",
-                                "queueName": queue,
-                                "mode": "QueueLength",
-                                "value": value,
-                            });
+                            let mut metadata = BTreeMap::from([
+                                ("protocol", "http".to_string()),
+                                ("queueName", queue.clone()),
+                                ("mode", "QueueLength".to_string()),
+                                ("value", value.clone()),
+                            ]);
                             if let Some(url) = &broker.rabbitmq.management_url {
-                                metadata["host"] = json!(url);
+                                metadata.insert("host", url.clone());
                             }
                             if let Some(vhost) = &settings.vhost_name {
-                                metadata["vhostName"] = json!(vhost);
+                                metadata.insert("vhostName", vhost.clone());
                             }
-                            queue_triggers.push(json!({
-                                "type": "rabbitmq",
-                                "metricType": "AverageValue",
-                                "metadata": metadata,
-                                "authenticationRef": auth_ref,
-                            }));
+                            queue_triggers.push(trigger("rabbitmq", metadata));
                         }
                     }
                 }
@@ -291,86 +392,100 @@ pub fn keda_objects(input: &PoolInput) -> Result<Vec<Value>, String> {
                 .into(),
         );
     }
-    let mut advanced = celery_operator_plugin_sdk::serde_json::Map::new();
-    if let (Some(target), true) = (&queue_target_value, queue_triggers.len() > 1) {
-        let names: Vec<String> = (0..queue_triggers.len()).map(|i| format!("q{i}")).collect();
-        for (trigger, name) in queue_triggers.iter_mut().zip(&names) {
-            trigger["name"] = json!(name);
+    let scaling_modifiers = match queue_target_value {
+        Some(target) if queue_triggers.len() > 1 => {
+            let names: Vec<String> = (0..queue_triggers.len()).map(|i| format!("q{i}")).collect();
+            let formula = names.join(" + ");
+            for (trigger, name) in queue_triggers.iter_mut().zip(names) {
+                trigger.name = Some(name);
+            }
+            Some(ScalingModifiers {
+                formula,
+                target,
+                metric_type: "AverageValue",
+            })
         }
-        advanced.insert(
-            "scalingModifiers".into(),
-            json!({"formula": names.join(" + "), "target": target, "metricType": "AverageValue"}),
-        );
-    }
-    if let Some(behavior) = &a.behavior {
-        advanced.insert(
-            "horizontalPodAutoscalerConfig".into(),
-            json!({"behavior": behavior}),
-        );
-    }
+        _ => None,
+    };
+    let horizontal_pod_autoscaler_config =
+        a.behavior.as_ref().map(|behavior| HpaConfig { behavior });
+    let advanced = (scaling_modifiers.is_some() || horizontal_pod_autoscaler_config.is_some())
+        .then_some(Advanced {
+            scaling_modifiers,
+            horizontal_pod_autoscaler_config,
+        });
     triggers.extend(queue_triggers);
 
-    let mut spec = json!({
-        "scaleTargetRef": {"name": name},
-        "minReplicaCount": a.min_replicas,
-        "maxReplicaCount": a.max_replicas,
-        "pollingInterval": settings.polling_interval,
-        "cooldownPeriod": settings.cooldown_period,
-        "triggers": triggers,
-    });
-    if !advanced.is_empty() {
-        spec["advanced"] = Value::Object(advanced);
-    }
     let has_resource_trigger = a.metrics.iter().any(|m| m.name != TASK_QUEUE_LENGTH);
-    if let (Some(f), false) = (&settings.fallback, has_resource_trigger) {
-        spec["fallback"] = json!({
-            "failureThreshold": f.failure_threshold,
-            "replicas": f.replicas.unwrap_or(a.min_replicas.max(1)),
-        });
-    }
-    let mut objects = vec![json!({
-        "apiVersion": "keda.sh/v1alpha1",
-        "kind": "ScaledObject",
-        "metadata": {"name": name},
-        "spec": spec,
-    })];
+    let fallback = match (&settings.fallback, has_resource_trigger) {
+        (Some(f), false) => Some(Fallback {
+            failure_threshold: f.failure_threshold,
+            replicas: f.replicas.unwrap_or(a.min_replicas.max(1)),
+        }),
+        _ => None,
+    };
+    let scaled_object = Object {
+        api_version: "keda.sh/v1alpha1",
+        kind: "ScaledObject",
+        metadata: name,
+        spec: ScaledObjectSpec {
+            scale_target_ref: name,
+            min_replica_count: a.min_replicas,
+            max_replica_count: a.max_replicas,
+            polling_interval: settings.polling_interval,
+            cooldown_period: settings.cooldown_period,
+            triggers,
+            advanced,
+            fallback,
+        },
+    };
+    let mut objects = vec![to_json(&scaled_object)?];
 
-    if let Some((broker, kind)) = broker {
+    if let Some((broker, kind)) = &broker {
         let secret = &broker.secret_ref.name;
+        let secret_ref = |parameter, key| SecretTargetRef {
+            parameter,
+            name: secret,
+            key,
+        };
         let refs = match kind {
             BrokerType::Redis => {
-                let mut refs = vec![
-                    json!({"parameter": "address", "name": secret, "key": settings.address_key}),
-                ];
-                if let Some(key) = settings.password_key.as_ref().filter(|k| !k.is_empty()) {
-                    refs.push(json!({"parameter": "password", "name": secret, "key": key}));
+                let mut refs = vec![secret_ref("address", &settings.address_key)];
+                if let Some(key) = settings.password_key.as_deref().filter(|k| !k.is_empty()) {
+                    refs.push(secret_ref("password", key));
                 }
                 refs
             }
             BrokerType::Rabbitmq => {
                 let password = settings
                     .password_key
-                    .clone()
+                    .as_deref()
                     .filter(|k| !k.is_empty())
                     .ok_or("settings.passwordKey: KEDA's management API access needs a password")?;
                 let mut refs = vec![
-                    json!({"parameter": "username", "name": secret, "key": settings.username_key}),
-                    json!({"parameter": "password", "name": secret, "key": password}),
+                    secret_ref("username", &settings.username_key),
+                    secret_ref("password", password),
                 ];
                 if broker.rabbitmq.management_url.is_none() {
-                    refs.push(json!({"parameter": "host", "name": secret, "key": settings.management_url_key}));
+                    refs.push(secret_ref("host", &settings.management_url_key));
                 }
                 refs
             }
         };
-        objects.push(json!({
-            "apiVersion": "keda.sh/v1alpha1",
-            "kind": "TriggerAuthentication",
-            "metadata": {"name": name},
-            "spec": {"secretTargetRef": refs},
-        }));
+        objects.push(to_json(&Object {
+            api_version: "keda.sh/v1alpha1",
+            kind: "TriggerAuthentication",
+            metadata: name,
+            spec: TriggerAuthenticationSpec {
+                secret_target_ref: refs,
+            },
+        })?);
     }
     Ok(objects)
+}
+
+fn to_json(object: &impl Serialize) -> Result<String, String> {
+    serde_json::to_string(object).map_err(|e| format!("serializing a KEDA object: {e}"))
 }
 
 /// The plugin.
@@ -378,7 +493,7 @@ pub struct Keda;
 
 impl Guest for Keda {
     fn objects(input: PoolInput) -> Result<Vec<String>, String> {
-        Ok(keda_objects(&input)?.iter().map(Value::to_string).collect())
+        keda_objects(&input)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Unit tests of the KEDA objects.
 
 use super::*;
-use celery_operator_plugin_sdk::serde_json;
+use celery_operator_plugin_sdk::serde_json::{self, Value, json};
 
 const REDIS: &str = r#"{"metadata":{"name":"app"},"spec":{"broker":{"secretRef":{"name":"app-broker","key":"url"},"type":"redis"}}}"#;
 const RABBITMQ: &str = r#"{"metadata":{"name":"app"},"spec":{"broker":{"secretRef":{"name":"app-broker","key":"url"},"type":"rabbitmq"}}}"#;

@@ -4,7 +4,7 @@
 //! Only the fields plugins read are modelled; unknown fields are ignored, so these keep
 //! working when the CRD grows.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::settings::parse_json_at;
@@ -23,7 +23,50 @@ pub struct Autoscaling {
     pub metrics: Vec<Metric>,
     /// How fast to scale: a HorizontalPodAutoscaler's `behavior`, as the resource gives it.
     #[serde(default)]
-    pub behavior: Option<Value>,
+    pub behavior: Option<Behavior>,
+}
+
+/// How fast a pool may scale up and down: a HorizontalPodAutoscaler's `spec.behavior`, in
+/// the shape the resource's `autoscaling.behavior` has. It serializes back to the same
+/// JSON (absent fields stay absent), so an autoscaler plugin can hand it to the HPA it
+/// builds.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Behavior {
+    /// Rules for adding replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up: Option<ScalingRules>,
+    /// Rules for removing replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScalingRules>,
+}
+
+/// Rules for one direction of scaling (an HPA's `HPAScalingRules`).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingRules {
+    /// Seconds of past recommendations considered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stabilization_window_seconds: Option<i32>,
+    /// `Max`, `Min` or `Disabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_policy: Option<String>,
+    /// Rate limits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<ScalingPolicy>,
+}
+
+/// One rate limit: at most `value` pods (`Pods`) or percent (`Percent`) per `periodSeconds`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicy {
+    /// `Pods` or `Percent`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Pods, or percent of the replicas.
+    pub value: i32,
+    /// The period, in seconds.
+    pub period_seconds: i32,
 }
 
 impl Autoscaling {

@@ -19,6 +19,7 @@
 //! | `sleep-forever` | sleeps `Duration::MAX`, then as `ok` | same | same |
 //! | `clock` | — | — | reason: the wall and monotonic clocks it reads |
 //! | `random` | — | — | reason: a number from std's random hash keys |
+//! | `state` | — | — | reason: what earlier calls left behind (`calls=1 data=fresh heap=fresh` in a fresh instance), then leaves its own marks |
 //! | `bad-labels`, `bad-annotations`, `bad-label-values`, `bad-timestamp` | its objects with that metadata broken | an HPA of the pool with it broken | — |
 //! | `huge-error` | an 8 MiB error message | same | same |
 //! | `control-chars` | an error with ESC, CR, NUL, BEL, bidi overrides | same | a reason with them |
@@ -70,6 +71,8 @@ pub enum Mode {
     Clock,
     /// Reads randomness.
     Random,
+    /// Reports, then leaves, marks in its globals, data and heap.
+    State,
     /// Objects whose metadata is broken in one of these ways.
     Broken(Broken),
     /// An 8 MiB error.
@@ -111,6 +114,40 @@ impl Broken {
     }
 }
 
+/// Calls this instance has answered (zero in a fresh one: `.bss`).
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// Two pages of initialised data (`.data`), overwritten by every `state` call.
+static DATA: std::sync::Mutex<[u8; 8192]> = std::sync::Mutex::new([7; 8192]);
+/// Bytes of the heap block `state` allocates and marks.
+const HEAP_BLOCK: usize = 256 << 10;
+
+/// What earlier calls of this instance left in its globals, data and heap, then leaves its
+/// own: a fresh instance per call sees `calls=1 data=fresh heap=fresh` every time.
+fn state() -> String {
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let data = {
+        let mut data = DATA.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = data.iter().all(|b| *b == 7);
+        data.fill(9);
+        if fresh { "fresh" } else { "dirty" }
+    };
+    // A fresh heap has never held the mark: the allocator's block comes from memory it got
+    // from `memory.grow` (`alloc`, not `alloc_zeroed`: nothing clears it in between).
+    let layout = std::alloc::Layout::from_size_align(HEAP_BLOCK, 8).expect("layout");
+    // SAFETY: a valid layout; the block is read as bytes (a probe of what memory holds, on
+    // purpose), then written, and never freed.
+    let heap = unsafe {
+        let block = std::alloc::alloc(layout);
+        if block.is_null() {
+            return format!("calls={calls} data={data} heap=none");
+        }
+        let dirty = (0..HEAP_BLOCK).any(|i| block.add(i).read_volatile() == 0xA5);
+        block.write_bytes(0xA5, HEAP_BLOCK);
+        if dirty { "dirty" } else { "fresh" }
+    };
+    format!("calls={calls} data={data} heap={heap}")
+}
+
 /// Size of the `huge-error` message.
 pub const HUGE_ERROR_BYTES: usize = 8 << 20;
 /// Size of the `long-reason` reason.
@@ -133,6 +170,7 @@ impl Mode {
             "sleep-forever" => Mode::SleepForever,
             "clock" => Mode::Clock,
             "random" => Mode::Random,
+            "state" => Mode::State,
             "bad-labels" => Mode::Broken(Broken::Labels),
             "bad-annotations" => Mode::Broken(Broken::Annotations),
             "bad-label-values" => Mode::Broken(Broken::LabelValues),
@@ -317,6 +355,7 @@ impl scaler::Guest for Hostile {
                     start.elapsed().as_nanos()
                 ))
             }
+            Mode::State => answer(state()),
             Mode::Random => {
                 use std::hash::BuildHasher;
                 let n = std::collections::hash_map::RandomState::new().hash_one(1u8);
