@@ -696,7 +696,7 @@ fn plugin(command: PluginCommand) -> anyhow::Result<()> {
             println!("signed {digest}");
         }
         PluginCommand::CompileSandboxed => {
-            compile::serve(runtime::engine()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            compile::serve(&runtime::compile_engine()).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     Ok(())

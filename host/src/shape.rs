@@ -232,7 +232,7 @@ fn run_shaper(
         .runtime()
         .with(resolved.limits)
         .shape(&resolved.plugin, &input)?;
-    plugin_output::shaped_children(children, &out)
+    plugin_output::shaped_children(children, &input.objects, &out)
 }
 
 /// The resource as plugins see it: identity and spec. Not its status, which holds other

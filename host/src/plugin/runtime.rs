@@ -1,18 +1,21 @@
 //! The sandbox: one shared wasmtime [`Engine`]; components compiled (untrusted ones in a
 //! bounded child process, see [`compile`](super::compile)), checked (exports, WIT versions,
 //! and function types by a trial instantiation) and cached by the sha256 of their bytes for
-//! as long as a plugin uses them; every call in a fresh [`Store`] with a wall-clock deadline
+//! as long as a plugin uses them; every call in a fresh [`Store`] and instance (taken from
+//! wasmtime's pooling allocator, so a fresh instance is cheap) with a wall-clock deadline
 //! (epoch interruption), one memory budget for every memory and table its instances create,
 //! and an output size cap. Plugins get only the non-blocking WASI of [`wasi`](super::wasi).
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+    Store, Strategy, Trap,
+};
 
 use super::bindings::{autoscaler, scaler, shaper, v0_1};
 use super::compile::Compiler;
@@ -22,8 +25,6 @@ use crate::text::{self, limit};
 
 /// How often the deadline clock ticks.
 const TICK: Duration = Duration::from_millis(5);
-/// Bytes of a plugin's standard error kept for error messages.
-const STDERR_CAPACITY: usize = 4096;
 /// Instances, memories and tables one call may create. A component built from Rust has a
 /// handful of each; the memory budget bounds their sizes together.
 const MAX_INSTANCES: usize = 64;
@@ -34,17 +35,76 @@ const TABLE_ELEMENT_BYTES: usize = 16;
 /// Names listed in a refusal message, at most.
 const LISTED_NAMES: usize = 8;
 
-/// The engine configuration every plugin is compiled for, here and in the sandboxed
+/// Plugin calls in flight at once in this process. The instance pool keeps slots for this
+/// many calls, each with as many instances, memories and tables as one call may create
+/// ([`MAX_INSTANCES`], [`MAX_MEMORIES`], [`MAX_TABLES`]); a further call waits for one to end
+/// (calls are bounded by their deadline) rather than failing.
+const CONCURRENT_CALLS: u32 = 8;
+/// Elements a table may have (the memory budget bounds them too, at 16 bytes each). The pool
+/// maps this much per table slot; a Python component's table has a few thousand.
+const TABLE_ELEMENTS: usize = 1 << 16;
+/// Bytes of a memory slot's pages a call dirtied that are reset in place and kept resident
+/// (where the kernel can say which pages were dirtied): a call of a default plugin dirties
+/// well under this, and all 256 memory slots together keep at most 64 MiB.
+const KEEP_RESIDENT: usize = 256 << 10;
+/// Bytes of a table slot reset in place and kept resident (a default plugin's table is
+/// a few hundred elements of 8 bytes).
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+
+/// The compiler configuration every plugin is compiled with, here and in the sandboxed
 /// compiler (which must produce code this process accepts).
-fn config() -> Config {
+///
+/// On x86-64 plugins are compiled by Winch, wasmtime's baseline compiler (a tier-1 compiler
+/// there): one pass over the code, about four times faster than Cranelift for our plugins
+/// (`cargo bench -p celery-operator --bench plugins`). Its code runs slower, but a plugin's
+/// own work is a microsecond or two of a call that costs tens (instantiation and copying
+/// the input): compile time is what a user waits for when a plugin is installed. Elsewhere,
+/// Cranelift.
+fn compile_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    if cfg!(target_arch = "x86_64") {
+        config.strategy(Strategy::Winch);
+    }
     config
+}
+
+/// The instance pool: memories, tables and instances are taken from slots mapped once and
+/// reused, so a fresh instance per call costs no `mmap`/`munmap`.
+fn pool() -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(CONCURRENT_CALLS)
+        .total_core_instances(CONCURRENT_CALLS * MAX_INSTANCES as u32)
+        .total_memories(CONCURRENT_CALLS * MAX_MEMORIES as u32)
+        .total_tables(CONCURRENT_CALLS * MAX_TABLES as u32)
+        .max_core_instances_per_component(MAX_INSTANCES as u32)
+        .max_memories_per_component(MAX_MEMORIES as u32)
+        .max_tables_per_component(MAX_TABLES as u32)
+        .max_memories_per_module(MAX_MEMORIES as u32)
+        .max_tables_per_module(MAX_TABLES as u32)
+        .table_elements(TABLE_ELEMENTS);
+    // Pages a call dirtied are reset by copying (the kernel says which, Linux 6.7 and
+    // later) and stay mapped, so the next call takes no page faults; elsewhere memories are
+    // reset with `madvise`. At most this much stays resident per memory slot.
+    if PoolingAllocationConfig::is_pagemap_scan_available() {
+        pool.pagemap_scan(Enabled::Yes)
+            .linear_memory_keep_resident(KEEP_RESIDENT);
+    }
+    pool.table_keep_resident(TABLE_KEEP_RESIDENT);
+    pool
 }
 
 /// The one engine of the process, with a thread that advances its epoch every [`TICK`].
 static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
-    let engine = Engine::new(&config()).expect("the wasmtime configuration is valid");
+    let mut config = compile_config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool()));
+    let engine = Engine::new(&config).expect("the wasmtime configuration is valid");
+    ticking(&engine);
+    engine
+});
+
+/// Advances `engine`'s epoch every [`TICK`], for as long as the process runs.
+fn ticking(engine: &Engine) {
     let ticker = engine.clone();
     std::thread::Builder::new()
         .name("plugin-epoch".into())
@@ -55,12 +115,60 @@ static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
             }
         })
         .expect("spawning the epoch thread");
-    engine
-});
+}
 
-/// The engine every plugin is compiled for.
+/// The engine every plugin is compiled for and run by.
 pub fn engine() -> &'static Engine {
     &ENGINE
+}
+
+/// An engine that compiles exactly like [`engine`] but maps no instance pool: for the
+/// sandboxed compiler, whose memory is capped and which instantiates nothing.
+pub fn compile_engine() -> Engine {
+    Engine::new(&compile_config()).expect("the wasmtime configuration is valid")
+}
+
+/// The engine configuration before the instance pool and Winch (Cranelift, an `mmap` per
+/// instance): for measuring what they save (`cargo bench --bench plugins`), not for use.
+pub fn baseline_engine() -> Engine {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    let engine = Engine::new(&config).expect("the wasmtime configuration is valid");
+    ticking(&engine);
+    engine
+}
+
+/// Free call slots of the instance pool (see [`CONCURRENT_CALLS`]).
+static SLOTS: Slots = Slots {
+    free: Mutex::new(CONCURRENT_CALLS),
+    freed: Condvar::new(),
+};
+
+/// A counting semaphore over the pool's call slots.
+struct Slots {
+    free: Mutex<u32>,
+    freed: Condvar,
+}
+
+/// A call slot, given back when dropped.
+struct Slot;
+
+impl Slots {
+    fn take(&'static self) -> Slot {
+        let mut free = self.free.lock().expect("slot lock");
+        while *free == 0 {
+            free = self.freed.wait(free).expect("slot lock");
+        }
+        *free -= 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOTS.free.lock().expect("slot lock") += 1;
+        SLOTS.freed.notify_one();
+    }
 }
 
 /// Bounds on every plugin call.
@@ -123,16 +231,17 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// Per-call state of a store.
+/// Per-call state of a store. The WASI context is made at the plugin's first WASI call:
+/// most calls make none (Rust's standard library reaches for WASI to report a panic), and
+/// making one is a good part of a call's cost.
 struct State {
-    wasi: Wasi,
+    wasi: Option<Wasi>,
     budget: Budget,
-    stderr: MemoryOutputPipe,
 }
 
 impl wasi::HasWasi for State {
     fn wasi(&mut self) -> &mut Wasi {
-        &mut self.wasi
+        self.wasi.get_or_insert_with(Wasi::new)
     }
 }
 
@@ -198,6 +307,7 @@ impl ResourceLimiter for Budget {
 
 /// Loads, caches and calls plugins.
 pub struct Runtime {
+    engine: Engine,
     linker: Linker<State>,
     limits: Limits,
     maxima: Limits,
@@ -223,9 +333,15 @@ impl Runtime {
     /// A runtime whose calls are bounded by `limits` and whose untrusted components are
     /// compiled by `compiler`.
     pub fn new(limits: Limits, compiler: Compiler) -> Self {
-        let mut linker = Linker::new(&ENGINE);
+        Self::on_engine(engine().clone(), limits, compiler)
+    }
+
+    /// A runtime on another engine than the process's (the bench's [`baseline_engine`]).
+    pub fn on_engine(engine: Engine, limits: Limits, compiler: Compiler) -> Self {
+        let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker).expect("the sandbox's WASI links once");
         Runtime {
+            engine,
             linker,
             limits,
             maxima: limits,
@@ -321,8 +437,8 @@ impl Runtime {
         if let Some(p) = self.cached(&digest) {
             return Ok(p);
         }
-        let component = self.compiler.compile(&ENGINE, bytes)?;
-        let exports = exported_roles(&component)?;
+        let component = self.compiler.compile(&self.engine, bytes)?;
+        let exports = exported_roles(&self.engine, &component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             PluginError::Invalid(text::clean(
                 &format!(
@@ -521,33 +637,35 @@ impl Calls<'_> {
         &self,
         call: impl FnOnce(&mut Store<State>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        // Taken before the store and given back after it is dropped (with its instances).
+        let _slot = SLOTS.take();
         let mut store = Store::new(
-            &ENGINE,
+            &self.runtime.engine,
             State {
-                wasi: Wasi::new(stderr.clone()),
+                wasi: None,
                 budget: Budget {
                     limit: self.limits.memory_bytes,
                     used: 0,
                 },
-                stderr,
             },
         );
         store.limiter(|s| &mut s.budget);
         let ticks = (self.limits.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
-        call(&mut store).map_err(|e| self.classify(e, &store.data().stderr))
+        call(&mut store).map_err(|e| self.classify(e, store.data().wasi.as_ref()))
     }
 
-    fn classify(&self, error: wasmtime::Error, stderr: &MemoryOutputPipe) -> PluginError {
+    fn classify(&self, error: wasmtime::Error, wasi: Option<&Wasi>) -> PluginError {
         if error.downcast_ref::<OverBudget>().is_some() {
             return PluginError::MemoryExceeded(self.limits.memory_bytes);
         }
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
             return PluginError::Timeout(self.limits.deadline);
         }
-        let stderr = String::from_utf8_lossy(&stderr.contents())
+        let stderr = wasi
+            .map(Wasi::stderr)
+            .unwrap_or_default()
             .lines()
             .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
             .collect::<Vec<_>>()
@@ -700,10 +818,10 @@ pub(crate) fn listed(names: &[String]) -> String {
 /// The roles a component exports at a version this operator serves, that version, and the
 /// interfaces of the package it exports at other versions. A component with no interface of
 /// a served version is refused, with the versions this host serves.
-fn exported_roles(component: &Component) -> Result<Exports, PluginError> {
+fn exported_roles(engine: &Engine, component: &Component) -> Result<Exports, PluginError> {
     let ty = component.component_type();
     let names: Vec<String> = ty
-        .exports(&ENGINE)
+        .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
     let mut roles = Vec::new();

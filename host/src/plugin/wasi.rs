@@ -16,6 +16,7 @@
 //! Not provided: `wasi:filesystem`, `wasi:sockets` and anything else. A component that
 //! imports them is refused when it is loaded.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
@@ -31,10 +32,14 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 /// Largest `get-random-bytes` request; a larger one traps (the host would allocate it).
 pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
+/// Bytes of a plugin's standard error kept (to explain a panic).
+const STDERR_CAPACITY: usize = 4096;
+
 /// What a plugin's WASI imports see during one call.
 pub struct Wasi {
     ctx: WasiCtx,
     table: ResourceTable,
+    stderr: MemoryOutputPipe,
 }
 
 impl WasiView for Wasi {
@@ -47,16 +52,17 @@ impl WasiView for Wasi {
 }
 
 impl Wasi {
-    /// A fresh context whose standard error goes to `stderr`.
-    pub fn new(stderr: MemoryOutputPipe) -> Wasi {
+    /// A fresh context whose standard error is kept, up to 4 KiB.
+    pub fn new() -> Wasi {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let ctx = WasiCtx::builder()
             .stdin(ClosedInputStream)
             .stdout(SinkOutputStream)
-            .stderr(stderr)
+            .stderr(stderr.clone())
             .wall_clock(Stopped)
             .monotonic_clock(Stopped)
-            .secure_random(Deterministic::new(fixed_bytes()))
-            .insecure_random(Deterministic::new(fixed_bytes()))
+            .secure_random(Deterministic::new(FIXED_BYTES.clone()))
+            .insecure_random(Deterministic::new(FIXED_BYTES.clone()))
             .insecure_random_seed(0x5eed)
             .max_random_size(MAX_RANDOM_BYTES)
             .allow_tcp(false)
@@ -66,9 +72,24 @@ impl Wasi {
         Wasi {
             ctx,
             table: ResourceTable::new(),
+            stderr,
         }
     }
+
+    /// What the plugin wrote to its standard error (invalid UTF-8 replaced).
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.contents()).into_owned()
+    }
 }
+
+impl Default for Wasi {
+    fn default() -> Self {
+        Wasi::new()
+    }
+}
+
+/// What `wasi:random` returns, on every call.
+static FIXED_BYTES: LazyLock<Vec<u8>> = LazyLock::new(fixed_bytes);
 
 /// A pseudo-random but fixed sequence of bytes (splitmix64 from a constant seed).
 fn fixed_bytes() -> Vec<u8> {

@@ -250,7 +250,10 @@ fn plugin_check_and_run_are_bounded_on_hostile_components() {
         std::fs::write(&path, bytes).unwrap();
         path.display().to_string()
     };
-    let bomb = write("bomb.wasm", support::hostile::compile_bomb(50_000, 4_000));
+    let bomb = write(
+        "bomb.wasm",
+        support::hostile::compile_bomb(support::hostile::BOMB_FUNCTIONS),
+    );
     let start = std::time::Instant::now();
     let out = operator(&[
         "plugin",

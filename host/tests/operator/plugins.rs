@@ -138,7 +138,10 @@ async fn hostile_plugin_configmaps_never_take_the_operator_down() {
     );
     let configmaps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), &cluster.operator_ns);
     for (name, bytes) in [
-        ("bomb", support::hostile::compile_bomb(50_000, 4_000)),
+        (
+            "bomb",
+            support::hostile::compile_bomb(support::hostile::BOMB_FUNCTIONS),
+        ),
         ("evil", fixture("hostile")),
     ] {
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",

@@ -106,33 +106,14 @@ pub fn table_grow(elements: u32) -> Vec<u8> {
     )
 }
 
-/// A valid scaler with one more function that is cheap to send and costly to compile:
-/// `locals` live 64-bit locals, updated across `blocks` blocks that each may branch out.
-pub fn compile_bomb(locals: usize, blocks: usize) -> Vec<u8> {
-    let mut body = String::new();
-    for b in 0..blocks {
-        body.push_str("(block ");
-        for k in 0..8 {
-            let (x, y) = ((b * 8 + k) % locals, (b * 13 + k * 7 + 1) % locals);
-            body.push_str(&format!(
-                "(local.set {x} (i64.add (local.get {x}) (local.get {y}))) "
-            ));
-        }
-        body.push_str(&format!(
-            "(br_if 0 (i64.eqz (local.get {}))))\n",
-            (b * 31) % locals
-        ));
-    }
-    let sum: String = (0..locals.min(64))
-        .map(|i| format!("(i64.add (local.get {i})"))
-        .collect::<String>()
-        + "(i64.const 0)"
-        + &")".repeat(locals.min(64));
-    let fields = format!(
-        "(func $bomb (export \"bomb\") (result i64) (local {}) {body} {sum})",
-        "i64 ".repeat(locals)
-    );
-    scaler("", &fields)
+/// Functions of the compile bomb the tests send.
+pub const BOMB_FUNCTIONS: usize = 200_000;
+
+/// A valid scaler with `functions` more functions, empty: four bytes each to send, yet each
+/// costs the compiler its own work, code and metadata. 200,000 of them (800 KB) take Winch
+/// (and Cranelift, longer) seconds and more than a gigabyte to compile.
+pub fn compile_bomb(functions: usize) -> Vec<u8> {
+    scaler("", &"(func)".repeat(functions))
 }
 
 /// A component (whole WAT) that exports `celery:operator/shaper@0.1.0` whose `shape` takes
