@@ -56,20 +56,29 @@ pub fn autoscaler_children(
         .collect())
 }
 
-/// The children a shaper's answer makes: objects it was given (same kind and name), changed
-/// or not, with the identity the operator gave them restored. `sent[i]` is the text
-/// `given[i]` was sent as: an answer byte for byte the same is that child, not parsed again
-/// (most shapers change a few objects, if any).
+/// One object of a shaper's answer.
+#[derive(Debug, PartialEq)]
+pub enum ShapedChild {
+    /// The object given at this index, unchanged.
+    Given(usize),
+    /// A changed object: checked, with the identity the operator gave it restored.
+    Changed(Child),
+}
+
+/// What a shaper's answer makes of the objects it was given (same kind and name), changed or
+/// not. `sent[i]` is the text `given[i]` was sent as: an answer byte for byte the same is
+/// that object, neither parsed nor copied again (most shapers change a few objects, if any);
+/// [`take_shaped`] makes the children.
 pub fn shaped_children(
     given: &[Child],
     sent: &[String],
     texts: &[String],
-) -> Result<Vec<Child>, PluginError> {
+) -> Result<Vec<ShapedChild>, PluginError> {
     texts
         .iter()
         .map(|text| {
             if let Some(unchanged) = sent.iter().position(|s| s == text) {
-                return Ok(given[unchanged].clone());
+                return Ok(ShapedChild::Given(unchanged));
             }
             let (kind, name, mut object) = parse_object(text)?;
             let original = given
@@ -82,7 +91,34 @@ pub fn shaped_children(
                     ))
                 })?;
             restore_identity(&original.object, &mut object);
-            Ok(Child { kind, name, object })
+            Ok(ShapedChild::Changed(Child { kind, name, object }))
+        })
+        .collect()
+}
+
+/// The children of a shaper's answer: the unchanged ones moved out of `given` (copied only
+/// when the answer repeats one), the changed ones as they are.
+pub fn take_shaped(given: Vec<Child>, answer: Vec<ShapedChild>) -> Vec<Child> {
+    let mut uses = vec![0usize; given.len()];
+    for shaped in &answer {
+        if let ShapedChild::Given(i) = shaped {
+            uses[*i] += 1;
+        }
+    }
+    let mut given: Vec<Option<Child>> = given.into_iter().map(Some).collect();
+    answer
+        .into_iter()
+        .map(|shaped| match shaped {
+            ShapedChild::Changed(child) => child,
+            ShapedChild::Given(i) => {
+                uses[i] -= 1;
+                let child = if uses[i] == 0 {
+                    given[i].take()
+                } else {
+                    given[i].clone()
+                };
+                child.expect("each given child is taken at its last use")
+            }
         })
         .collect()
 }
@@ -387,7 +423,8 @@ mod tests {
         fn no_shaper_answer_panics(texts in prop::collection::vec(plugin_object(), 0..4)) {
             let given = desired::desired_children(&celery());
             let sent: Vec<String> = given.iter().map(|c| c.object.to_string()).collect();
-            if let Ok(children) = shaped_children(&given, &sent, &texts) {
+            if let Ok(shaped) = shaped_children(&given, &sent, &texts) {
+                let children = take_shaped(given.clone(), shaped);
                 for child in children {
                     prop_assert!(child.to_dynamic(&child.kind.api_resource()).is_ok());
                     let original = given.iter().find(|g| g.kind == child.kind && g.name == child.name).unwrap();
@@ -444,25 +481,33 @@ mod tests {
     /// parsed, checked and keeps the identity the operator gave it.
     #[test]
     fn a_shaper_answer_keeps_unchanged_children_and_parses_changed_ones() {
-        let given = desired::desired_children(&celery());
+        let mut celery = celery();
+        let mut second = celery.spec.workers[0].clone();
+        second.name = "mail".into();
+        celery.spec.workers.push(second);
+        let given = desired::desired_children(&celery);
         let sent: Vec<String> = given.iter().map(|c| c.object.to_string()).collect();
-        assert_eq!(shaped_children(&given, &sent, &sent).unwrap(), given);
+        let shaped = shaped_children(&given, &sent, &sent).unwrap();
+        assert_eq!(shaped, [ShapedChild::Given(0), ShapedChild::Given(1)]);
+        assert_eq!(take_shaped(given.clone(), shaped), given);
 
         let mut changed = given[0].object.clone();
         changed["metadata"]["labels"]["team"] = json!("a");
         changed["metadata"]["ownerReferences"] = json!([]);
-        let mut texts = sent.clone();
-        texts[0] = changed.to_string();
-        let children = shaped_children(&given, &sent, &texts).unwrap();
+        // The first object changed, the second twice, the rest dropped.
+        let texts = [changed.to_string(), sent[1].clone(), sent[1].clone()];
+        let children = take_shaped(
+            given.clone(),
+            shaped_children(&given, &sent, &texts).unwrap(),
+        );
         assert_eq!(children[0].object["metadata"]["labels"]["team"], "a");
         assert_eq!(
             children[0].object["metadata"]["ownerReferences"],
             given[0].object["metadata"]["ownerReferences"]
         );
-        assert_eq!(children[1..], given[1..]);
+        assert_eq!(children[1..], [given[1].clone(), given[1].clone()]);
 
-        texts[0] = "{not json".into();
-        assert!(shaped_children(&given, &sent, &texts).is_err());
+        assert!(shaped_children(&given, &sent, &["{not json".into()]).is_err());
     }
 
     #[test]

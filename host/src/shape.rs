@@ -14,7 +14,7 @@ use crate::plugin::policy::{self, Called};
 use crate::plugin::{
     OPERATOR_AUTOSCALER, PluginError, PluginId, Plugins, Resolved, Role, settings_text,
 };
-use crate::plugin_output;
+use crate::plugin_output::{self, ShapedChild, take_shaped};
 
 /// The objects to apply, and what the plugins did.
 #[derive(Debug, Default)]
@@ -96,7 +96,7 @@ pub fn shape(
                 shaped
                     .uses
                     .push(policy::usage(Role::Shaper, "shaping", &by, None));
-                shaped.children = value;
+                shaped.children = take_shaped(std::mem::take(&mut shaped.children), value);
             }
             Called::Replaced { error, by, value } => {
                 shaped.problems.push(format!(
@@ -107,7 +107,7 @@ pub fn shape(
                 shaped
                     .uses
                     .push(policy::usage(Role::Shaper, "shaping", &by, fallback));
-                shaped.children = value;
+                shaped.children = take_shaped(std::mem::take(&mut shaped.children), value);
             }
             Called::KeepWhatRuns { error } => {
                 shaped.problems.push(format!(
@@ -221,7 +221,7 @@ fn run_shaper(
     celery_json: &str,
     settings: &str,
     children: &[Child],
-) -> Result<Vec<Child>, PluginError> {
+) -> Result<Vec<ShapedChild>, PluginError> {
     let input = ShapeInput {
         celery: celery_json.into(),
         objects: children.iter().map(|c| c.object.to_string()).collect(),
