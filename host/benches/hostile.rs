@@ -122,7 +122,7 @@ fn main() {
     measure("load: 16 memories x 64 MiB at start", || {
         rt.load(&hostile::memories(16, 1024, true)).map(|p| p.size)
     });
-    let bomb = hostile::compile_bomb(50_000, 4_000);
+    let bomb = hostile::compile_bomb(hostile::BOMB_FUNCTIONS);
     println!("compile bomb: {} KB", bomb.len() >> 10);
     measure("load: compile bomb (sandboxed)", || {
         rt.load(&bomb).map(|p| p.size)
