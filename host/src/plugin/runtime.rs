@@ -98,7 +98,16 @@ fn pool() -> PoolingAllocationConfig {
 static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
     let mut config = compile_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool()));
-    let engine = Engine::new(&config).expect("the wasmtime configuration is valid");
+    // The pool reserves about 1 TiB of address space (not memory). Where the address space
+    // is limited (`ulimit -v`), plugins still run, each instance mapped on its own.
+    let engine = Engine::new(&config).unwrap_or_else(|e| {
+        tracing::warn!(
+            error = %format!("{e:#}"),
+            "the plugin instance pool cannot be reserved (is the address space limited?); \
+             plugin instances are mapped one by one, which makes calls slower"
+        );
+        Engine::new(&compile_config()).expect("the wasmtime configuration is valid")
+    });
     ticking(&engine);
     engine
 });

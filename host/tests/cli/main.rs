@@ -149,6 +149,31 @@ fn plugin_run(file: &str, world: &str, input: &str) -> std::process::Output {
     ])
 }
 
+/// Where the address space is limited too much for the instance pool (about 1 TiB), plugins
+/// still compile and answer, each instance mapped on its own.
+#[test]
+fn plugins_run_without_the_instance_pool_where_address_space_is_limited() {
+    let script = format!(
+        "ulimit -v {}; exec {} plugin run {} --world scaler-plugin --input \
+         examples/plugins/inputs/scaler.json",
+        64 << 20, // KiB: 64 GiB, room for per-call instances, not for the pool
+        env!("CARGO_BIN_EXE_celery-operator"),
+        support::plugin_path("business_hours"),
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(decision["replicas"].is_u64(), "{decision}");
+}
+
 #[test]
 fn plugin_run_calls_each_world_on_the_example_inputs() {
     let out = plugin_run(
