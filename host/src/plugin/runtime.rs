@@ -108,12 +108,6 @@ static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
         );
         Engine::new(&compile_config()).expect("the wasmtime configuration is valid")
     });
-    ticking(&engine);
-    engine
-});
-
-/// Advances `engine`'s epoch every [`TICK`], for as long as the process runs.
-fn ticking(engine: &Engine) {
     let ticker = engine.clone();
     std::thread::Builder::new()
         .name("plugin-epoch".into())
@@ -124,7 +118,8 @@ fn ticking(engine: &Engine) {
             }
         })
         .expect("spawning the epoch thread");
-}
+    engine
+});
 
 /// The engine every plugin is compiled for and run by.
 pub fn engine() -> &'static Engine {
@@ -135,16 +130,6 @@ pub fn engine() -> &'static Engine {
 /// sandboxed compiler, whose memory is capped and which instantiates nothing.
 pub fn compile_engine() -> Engine {
     Engine::new(&compile_config()).expect("the wasmtime configuration is valid")
-}
-
-/// The engine configuration before the instance pool and Winch (Cranelift, an `mmap` per
-/// instance): for measuring what they save (`cargo bench --bench plugins`), not for use.
-pub fn baseline_engine() -> Engine {
-    let mut config = Config::new();
-    config.epoch_interruption(true);
-    let engine = Engine::new(&config).expect("the wasmtime configuration is valid");
-    ticking(&engine);
-    engine
 }
 
 /// Free call slots of the instance pool (see [`CONCURRENT_CALLS`]).
@@ -345,7 +330,8 @@ impl Runtime {
         Self::on_engine(engine().clone(), limits, compiler)
     }
 
-    /// A runtime on another engine than the process's (the bench's [`baseline_engine`]).
+    /// A runtime on another engine than the process's (the bench compares engine
+    /// configurations).
     pub fn on_engine(engine: Engine, limits: Limits, compiler: Compiler) -> Self {
         let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker).expect("the sandbox's WASI links once");

@@ -32,7 +32,7 @@ pub struct Settings {
 /// An `autoscaling/v2` HorizontalPodAutoscaler, as far as this plugin fills it in.
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct HorizontalPodAutoscaler<'a> {
+struct HorizontalPodAutoscaler<'a> {
     api_version: &'static str,
     kind: &'static str,
     metadata: Metadata<'a>,

@@ -126,7 +126,7 @@ impl Default for Settings {
 /// A Kubernetes object as this plugin fills it in: the host sets namespace, labels and owner.
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct Object<'a, Spec> {
+struct Object<'a, Spec> {
     api_version: &'static str,
     kind: &'static str,
     metadata: Name<'a>,
@@ -142,7 +142,7 @@ struct Name<'a> {
 /// A ScaledObject's spec.
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct ScaledObjectSpec<'a> {
+struct ScaledObjectSpec<'a> {
     scale_target_ref: Name<'a>,
     min_replica_count: u32,
     max_replica_count: u32,
@@ -201,7 +201,7 @@ struct Fallback {
 /// A TriggerAuthentication's spec.
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct TriggerAuthenticationSpec<'a> {
+struct TriggerAuthenticationSpec<'a> {
     secret_target_ref: Vec<SecretTargetRef<'a>>,
 }
 
